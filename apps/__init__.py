@@ -1,0 +1,1 @@
+"""The Streamlit app: explore visual-token categories, layers and runs; export configs."""

@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny random models of both supported families, wrapped for the workbench."""
+
+import os
+
+# The suite never touches a model hub: fail fast instead of retrying a network that is not there.
+# Set before transformers / huggingface_hub are imported, since they read it once at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from tests.tiny_models import tiny_llava, tiny_qwen2_vl  # noqa: E402
+from workbench.models.loading import LoadedModel  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llava() -> LoadedModel:
+    return LoadedModel.from_model(tiny_llava())
+
+
+@pytest.fixture(scope="session")
+def qwen() -> LoadedModel:
+    return LoadedModel.from_model(tiny_qwen2_vl())

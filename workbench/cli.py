@@ -1,0 +1,146 @@
+"""The `wb` command line: inspect a model on an image, build the default model, benchmarks, data.
+
+Every `WorkbenchError` ends the command with one line on stderr and exit code 2; tracebacks
+are kept for real bugs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from workbench.errors import WorkbenchError
+
+app = typer.Typer(help="Multimodal LLM workbench: look inside vision-language models and slim them down.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Build and describe models.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print ratios measured in one run.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: probe scenes with ground truth.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
+app.add_typer(data_app, name="data")
+console = Console()
+
+MODEL_OPTION = typer.Option("default", "--model", "-m", help="'default', a local folder or a Hugging Face id.")
+
+
+def _load(name: str):
+    from workbench.models.loading import load_model
+
+    with console.status(f"loading model {name} ..."):
+        loaded = load_model(name)
+    for note in loaded.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    return loaded
+
+
+@app.command()
+def inspect(
+    image: str = typer.Argument(..., help="An image path, or sample:NAME (astronaut, chelsea, coffee, rocket, china, flower)."),
+    model: str = MODEL_OPTION,
+    prompt: str = typer.Option("Describe the image.", "--prompt", "-p"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    max_new_tokens: int = typer.Option(40, help="Length limit of the answer."),
+) -> None:
+    """How a model sees one image: visual tokens, answer, norms per layer, nearest vocabulary tokens."""
+    from workbench.data.images import load_image
+    from workbench.inspection import inspect_image
+
+    picture = load_image(image)
+    loaded = _load(model)
+    with console.status("tracing ..."):
+        report = inspect_image(loaded, picture, prompt, max_new_tokens=max_new_tokens)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    console.print(f"[bold]{image}[/] on [bold]{report.model}[/]: {report.num_visual_tokens} visual tokens "
+                  f"in a {report.grid[0]}x{report.grid[1]} grid")
+    console.print(f"[bold]prompt:[/] {report.prompt}\n[bold]answer:[/] {report.answer}")
+    norms = Table("layer", "visual mean norm", "text mean norm", title="Mean hidden-state norm per LLM layer")
+    for row in report.layer_norms:
+        norms.add_row(row.layer, f"{row.visual:.2f}", f"{row.text:.2f}")
+    console.print(norms)
+    nearest = Table("token", "row", "col", "norm", "nearest vocabulary tokens (cosine)",
+                    title="Visual tokens read against the input embeddings")
+    for token in report.nearest_tokens:
+        words = ", ".join(f"{word!r} {score:.2f}" for word, score in token.neighbours)
+        nearest.add_row(str(token.index), str(token.row), str(token.col), f"{token.norm:.2f}", words)
+    console.print(nearest)
+
+
+@models_app.command("build-default")
+def build_default(force: bool = typer.Option(False, help="Rebuild even if the cache exists.")) -> None:
+    """Convert the packaged DINOv2 + SmolLM2 weights once and cache them (safetensors)."""
+    from workbench.models.default_model import build_default_model
+
+    path = build_default_model(force=force, progress=lambda message: console.print(message))
+    console.print(f"default model ready in {path}")
+
+
+@models_app.command("supported")
+def supported() -> None:
+    """The model families (config model_type) the adapters support."""
+    from workbench.models.adapter import supported_model_types
+
+    for model_type in supported_model_types():
+        print(model_type)
+
+
+@bench_app.command("trace")
+def bench_trace(
+    model: str = MODEL_OPTION,
+    image: str = typer.Option("sample:astronaut", help="Image for the batch."),
+    batch_size: int = typer.Option(1, min=1),
+    repeats: int = typer.Option(10, min=1),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Overhead of capturing every LLM layer vs a plain forward with output_hidden_states=True."""
+    from workbench.bench_trace import measure_trace_overhead
+    from workbench.data.images import load_image
+    from workbench.models.inputs import build_inputs
+
+    loaded = _load(model)
+    picture = load_image(image)
+    inputs = build_inputs(loaded.processor, [picture] * batch_size, ["Describe the image."] * batch_size,
+                          device=loaded.device)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("plain vs traced forward", total=repeats)
+        result = measure_trace_overhead(loaded, inputs, repeats=repeats,
+                                        progress=lambda done, total: progress.update(task, completed=done))
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    verdict = "[green]meets[/]" if result.meets_goal else "[red]misses[/]"
+    console.print(
+        f"{result.model}, batch {result.batch_size} x {result.sequence_length} tokens, {result.repeats} pairs: "
+        f"plain {result.plain_median_s * 1000:.1f} ms, traced {result.traced_median_s * 1000:.1f} ms (medians); "
+        f"median ratio {result.median_ratio:.3f}x ({verdict} the {result.goal}x goal)"
+    )
+
+
+@data_app.command("probe-scenes")
+def probe_scenes(
+    n: int = typer.Option(16, min=1, help="How many scenes."),
+    seed: int = typer.Option(0, help="First scene index within the split."),
+    split: str = typer.Option("train", help="train, val or test."),
+    out: Path = typer.Option(..., help="Folder for the PNGs and scenes.jsonl."),
+) -> None:
+    """Write probe scenes (PNG) and their ground truth (JSONL) for a person to look at."""
+    from workbench.data.probe_scenes import write_probe_scenes
+
+    path = write_probe_scenes(out, n=n, seed=seed, split=split)
+    console.print(f"wrote {n} scenes and {path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except WorkbenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

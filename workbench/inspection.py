@@ -1,0 +1,119 @@
+"""A first look at how a model sees one image: what `wb inspect` prints.
+
+Counts the visual tokens and their grid, generates the model's answer, traces every LLM layer
+to compare visual and text token norms, and reads a few visual tokens against the vocabulary
+(nearest input embeddings by cosine similarity, as EmbedLens does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from workbench.models.inputs import build_inputs
+from workbench.models.loading import LoadedModel
+from workbench.tracing import Capture, CaptureSpec, capture
+
+
+@dataclass
+class LayerNorms:
+    layer: str  # "input" for the LLM's input embeddings, else the decoder layer index
+    visual: float
+    text: float
+
+
+@dataclass
+class TokenNeighbours:
+    index: int  # visual-token index within the image, row-major
+    row: int
+    col: int
+    norm: float
+    neighbours: list[tuple[str, float]]  # (vocabulary token, cosine similarity), best first
+
+
+@dataclass
+class InspectReport:
+    model: str
+    prompt: str
+    num_visual_tokens: int
+    grid: tuple[int, int]
+    answer: str
+    layer_norms: list[LayerNorms]
+    nearest_tokens: list[TokenNeighbours]
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def nearest_vocabulary(
+    vectors: torch.Tensor, embedding_matrix: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (cosine similarity, token id) of each vector against every vocabulary embedding."""
+    similarity = F.normalize(vectors.float(), dim=-1) @ F.normalize(embedding_matrix.float(), dim=-1).T
+    return similarity.topk(top_k, dim=-1)
+
+
+def spread_indices(count: int, how_many: int) -> list[int]:
+    """`how_many` token indices spread evenly over `count` tokens (always including the first and last)."""
+    if how_many >= count:
+        return list(range(count))
+    return torch.linspace(0, count - 1, how_many).round().long().tolist()
+
+
+def mean_norms(traced: Capture) -> list[LayerNorms]:
+    rows = [("input", traced.embeddings)] + [(str(layer), traced.hidden[layer]) for layer in sorted(traced.hidden)]
+    visual, text = traced.visual_mask, traced.text_mask
+    return [
+        LayerNorms(name, float(states[visual].norm(dim=-1).mean()), float(states[text].norm(dim=-1).mean()))
+        for name, states in rows
+    ]
+
+
+def generate_answer(loaded: LoadedModel, inputs, max_new_tokens: int) -> str:
+    with torch.no_grad():
+        output = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    return loaded.processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def inspect_image(
+    loaded: LoadedModel,
+    image: Image.Image,
+    prompt: str,
+    *,
+    num_tokens: int = 5,
+    top_k: int = 5,
+    max_new_tokens: int = 40,
+) -> InspectReport:
+    inputs = build_inputs(loaded.processor, [image], [prompt], device=loaded.device)
+    traced = capture(loaded, inputs, CaptureSpec(projector=True, embeddings=True, llm_layers="all"))
+    (layout,) = traced.layouts
+    tokenizer = loaded.processor.tokenizer
+    embedding_matrix = loaded.adapter.embed_tokens.weight.detach().cpu()
+    chosen = spread_indices(layout.num_tokens, num_tokens)
+    vectors = traced.projector[chosen]
+    scores, ids = nearest_vocabulary(vectors, embedding_matrix, top_k)
+    nearest = [
+        TokenNeighbours(
+            index=index,
+            row=index // layout.cols,
+            col=index % layout.cols,
+            norm=float(vector.norm()),
+            neighbours=[(tokenizer.convert_ids_to_tokens(int(i)), round(float(s), 4)) for s, i in zip(row_scores, row_ids)],
+        )
+        for index, vector, row_scores, row_ids in zip(chosen, vectors, scores, ids)
+    ]
+    return InspectReport(
+        model=loaded.name,
+        prompt=prompt,
+        num_visual_tokens=layout.num_tokens,
+        grid=(layout.rows, layout.cols),
+        answer=generate_answer(loaded, inputs, max_new_tokens),
+        layer_norms=mean_norms(traced),
+        nearest_tokens=nearest,
+        notes=list(loaded.notes),
+    )

@@ -1,0 +1,196 @@
+"""Architecture adapters: where each part of a vision-language model lives, by name.
+
+An adapter maps one Hugging Face model family onto the components every analysis and
+efficient model needs (vision tower and its layers, projector, LLM decoder layers, input
+embeddings, final norm, lm_head, image-token id) and knows how the family lays out visual
+tokens: which positions hold them and each image's patch grid (rows x cols).
+
+Components are given as dotted module paths, so the same adapter navigates both the
+torch model and an nnsight envoy wrapped around it (see `resolve`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from workbench.errors import ModelLoadError
+
+_ADAPTERS: dict[str, type[ArchitectureAdapter]] = {}
+
+
+def register_adapter(cls: type[ArchitectureAdapter]) -> type[ArchitectureAdapter]:
+    """Class decorator: make `cls` the adapter for each of its `model_classes` model types."""
+    for model_type in cls.model_classes:
+        _ADAPTERS[model_type] = cls
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def adapter_class_for(model_type: str) -> type[ArchitectureAdapter]:
+    try:
+        return _ADAPTERS[model_type]
+    except KeyError:
+        raise ModelLoadError(
+            f"unsupported architecture model_type={model_type!r}; "
+            f"supported: {', '.join(supported_model_types())}"
+        ) from None
+
+
+def adapter_for(model: PreTrainedModel) -> ArchitectureAdapter:
+    """The adapter for a loaded model, chosen by its config's model_type."""
+    return adapter_class_for(model.config.model_type)(model)
+
+
+def resolve(root: Any, dotted_path: str) -> Any:
+    """Follow a dotted path of attributes and integer indices (`a.layers.3`) from `root`."""
+    node = root
+    for part in dotted_path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where one image's visual tokens sit in a batch: its row, token positions and patch grid."""
+
+    sample: int
+    positions: torch.Tensor  # token positions in the row, row-major over the grid
+    rows: int
+    cols: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.rows * self.cols
+
+
+class ArchitectureAdapter(ABC):
+    """Names the parts of one model family. Subclasses set the paths and the grid logic."""
+
+    # model_type -> the transformers class that loads it
+    model_classes: ClassVar[dict[str, str]]
+    vision_tower_path: ClassVar[str]
+    projector_path: ClassVar[str]
+    language_model_path: ClassVar[str]
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.image_token_id = self._find_image_token_id(model.config)
+        self.vision_layers_path = f"{self.vision_tower_path}.{self._find_vision_layers_name()}"
+
+    # ---- components -------------------------------------------------------------------
+    @property
+    def vision_tower(self) -> nn.Module:
+        return resolve(self.model, self.vision_tower_path)
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return resolve(self.model, self.vision_layers_path)
+
+    @property
+    def projector(self) -> nn.Module:
+        return resolve(self.model, self.projector_path)
+
+    @property
+    def language_model(self) -> nn.Module:
+        return resolve(self.model, self.language_model_path)
+
+    @property
+    def llm_layers_path(self) -> str:
+        return f"{self.language_model_path}.layers"
+
+    @property
+    def llm_layers(self) -> nn.ModuleList:
+        return resolve(self.model, self.llm_layers_path)
+
+    @property
+    def final_norm_path(self) -> str:
+        return f"{self.language_model_path}.norm"
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return resolve(self.model, self.final_norm_path)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def lm_head_path(self) -> str:
+        return self.path_of(self.lm_head)
+
+    def path_of(self, module: nn.Module) -> str:
+        """The dotted path of one of the model's submodules."""
+        return next(name for name, candidate in self.model.named_modules() if candidate is module)
+
+    @property
+    def num_llm_layers(self) -> int:
+        return len(self.llm_layers)
+
+    @property
+    def num_vision_layers(self) -> int:
+        return len(self.vision_layers)
+
+    # ---- visual tokens ----------------------------------------------------------------
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Boolean [batch, seq] mask of visual-token positions, from the image-token id."""
+        return input_ids == self.image_token_id
+
+    @abstractmethod
+    def image_grids(self, inputs: Mapping[str, torch.Tensor]) -> list[tuple[int, int]]:
+        """(rows, cols) of visual tokens for each image in the batch, in input order."""
+
+    def image_layouts(self, inputs: Mapping[str, torch.Tensor]) -> list[ImageLayout]:
+        """Assign the batch's images, in order, to the runs of visual tokens in each row."""
+        mask = self.visual_token_mask(inputs["input_ids"])
+        grids = iter(self.image_grids(inputs))
+        layouts = []
+        for sample, row in enumerate(mask):
+            positions = row.nonzero().flatten()
+            start = 0
+            while start < len(positions):
+                rows, cols = next(grids)
+                layouts.append(ImageLayout(sample, positions[start : start + rows * cols], rows, cols))
+                start += rows * cols
+        if next(grids, None) is not None or start != len(positions):
+            raise ValueError("visual tokens in input_ids do not match the images' patch grids")
+        return layouts
+
+    def flatten_projector_output(self, output: torch.Tensor) -> torch.Tensor:
+        """Projector output as [num_visual_tokens, d], in the order the tokens are scattered."""
+        return output.reshape(-1, output.shape[-1])
+
+    # ---- helpers ----------------------------------------------------------------------
+    @staticmethod
+    def _find_image_token_id(config: Any) -> int:
+        """The image-token id, checked to be a real token of the model's vocabulary."""
+        name = getattr(config, "name_or_path", "") or config.model_type
+        token_id = next((getattr(config, key) for key in ("image_token_id", "image_token_index")
+                         if getattr(config, key, None) is not None), None)
+        vocab_size = config.get_text_config().vocab_size
+        if token_id is None or not 0 <= int(token_id) < vocab_size:
+            raise ModelLoadError(
+                f"model {name!r} has no image token: config.image_token_id={token_id} is not in its "
+                f"vocabulary of {vocab_size} tokens, so it cannot take images"
+            )
+        return int(token_id)
+
+    def _find_vision_layers_name(self) -> str:
+        """The vision tower's stack of transformer blocks: its longest ModuleList."""
+        lists = [(len(m), name) for name, m in self.vision_tower.named_modules() if isinstance(m, nn.ModuleList)]
+        if not lists:
+            raise ModelLoadError(f"vision tower {type(self.vision_tower).__name__} has no layer list")
+        return max(lists)[1]

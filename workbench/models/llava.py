@@ -1,0 +1,32 @@
+"""Adapter for the LLaVA family (`LlavaForConditionalGeneration`), the embedded default included.
+
+LLaVA feeds every image as one square grid of patch tokens (the CLS token dropped by the
+"default" feature-select strategy), so an image's grid is the square root of its token count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from workbench.models.adapter import ArchitectureAdapter, register_adapter
+
+
+@register_adapter
+class LlavaAdapter(ArchitectureAdapter):
+    model_classes = {"llava": "LlavaForConditionalGeneration"}
+    vision_tower_path = "model.vision_tower"
+    projector_path = "model.multi_modal_projector"
+    language_model_path = "model.language_model"
+
+    def image_grids(self, inputs: Mapping[str, torch.Tensor]) -> list[tuple[int, int]]:
+        num_images = int(inputs["pixel_values"].shape[0])
+        num_tokens = int(self.visual_token_mask(inputs["input_ids"]).sum())
+        if num_images == 0 or num_tokens % num_images:
+            raise ValueError(f"{num_tokens} image tokens cannot be split evenly over {num_images} images")
+        side = math.isqrt(num_tokens // num_images)
+        if side * side != num_tokens // num_images:
+            raise ValueError(f"{num_tokens // num_images} visual tokens per image is not a square grid")
+        return [(side, side)] * num_images

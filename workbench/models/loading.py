@@ -1,0 +1,120 @@
+"""`load_model`: a Hugging Face vision-language model, its processor and its architecture adapter.
+
+`load_model("default")` gives the embedded default model (built from packaged weights, no
+network); any other name is a local folder or a Hugging Face id of a supported family.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoProcessor, PreTrainedModel
+
+from workbench.models.adapter import ArchitectureAdapter, adapter_class_for, adapter_for
+from workbench.errors import ModelLoadError
+
+DEFAULT_MODEL_NAME = "default"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis: the HF model (eval mode), its processor and adapter."""
+
+    model: PreTrainedModel
+    processor: Any
+    adapter: ArchitectureAdapter
+    name: str
+    notes: list[str] = field(default_factory=list)  # user-facing remarks, e.g. an untrained projector
+    load_seconds: float = 0.0
+
+    @classmethod
+    def from_model(cls, model: PreTrainedModel, processor: Any = None, name: str = "custom") -> LoadedModel:
+        """Wrap a model built in code (tests, notebooks) without loading anything."""
+        return cls(model=model.eval(), processor=processor, adapter=adapter_for(model), name=name)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @functools.cached_property
+    def nnsight(self):
+        """The model wrapped for tracing; built on first use (analyses need it, training does not)."""
+        from nnsight import NNsight
+
+        return NNsight(self.model)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_attn_implementation(device: str) -> str:
+    """FlashAttention-2 where it is installed on a GPU, PyTorch SDPA otherwise."""
+    if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL_NAME,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load a supported vision-language model; raise `ModelLoadError` with a one-line reason."""
+    device = device or default_device()
+    attn_implementation = attn_implementation or default_attn_implementation(device)
+    dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
+    started = time.perf_counter()
+    if name_or_path == DEFAULT_MODEL_NAME:
+        from workbench.models.default_model import load_default_model
+
+        model, processor, info = load_default_model(dtype=dtype, attn_implementation=attn_implementation)
+        notes = [info.warning] if info.warning else []
+    else:
+        model, processor = _load_pretrained(name_or_path, dtype, attn_implementation)
+        notes = []
+    model = model.to(device).eval()
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        adapter=adapter_for(model),
+        name=name_or_path,
+        notes=notes,
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
+
+
+def _load_pretrained(name_or_path: str, dtype: torch.dtype, attn_implementation: str):
+    if not Path(name_or_path).exists() and not _looks_like_hub_id(name_or_path):
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: no such folder, and it is not a hub id (org/name)")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"cannot load model {name_or_path!r}: not a local model folder, and the hub has no such id "
+            f"or cannot be reached ({type(error).__name__}); pass a local path, a valid id, or 'default'"
+        ) from None
+    adapter_cls = adapter_class_for(config.model_type)
+    ArchitectureAdapter._find_image_token_id(config)  # refuse text-only models before loading weights
+    model_cls = getattr(transformers, adapter_cls.model_classes[config.model_type])
+    try:
+        model = model_cls.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
+        processor = AutoProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError, ImportError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {reason}") from None
+    return model, processor
