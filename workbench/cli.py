@@ -26,6 +26,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(data_app, name="data")
 console = Console()
+# Notes, spinners and progress go to stderr so that `--json` output on stdout stays parseable.
+status_console = Console(stderr=True)
 
 MODEL_OPTION = typer.Option("default", "--model", "-m", help="'default', a local folder or a Hugging Face id.")
 
@@ -33,10 +35,10 @@ MODEL_OPTION = typer.Option("default", "--model", "-m", help="'default', a local
 def _load(name: str):
     from workbench.models.loading import load_model
 
-    with console.status(f"loading model {name} ..."):
+    with status_console.status(f"loading model {name} ..."):
         loaded = load_model(name)
     for note in loaded.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        status_console.print(f"[yellow]note:[/] {note}")
     return loaded
 
 
@@ -54,7 +56,7 @@ def inspect(
 
     picture = load_image(image)
     loaded = _load(model)
-    with console.status("tracing ..."):
+    with status_console.status("tracing ..."):
         report = inspect_image(loaded, picture, prompt, max_new_tokens=max_new_tokens)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -79,7 +81,7 @@ def build_default(force: bool = typer.Option(False, help="Rebuild even if the ca
     """Convert the packaged DINOv2 + SmolLM2 weights once and cache them (safetensors)."""
     from workbench.models.default_model import build_default_model
 
-    path = build_default_model(force=force, progress=lambda message: console.print(message))
+    path = build_default_model(force=force, progress=lambda message: status_console.print(message))
     console.print(f"default model ready in {path}")
 
 
@@ -109,7 +111,7 @@ def bench_trace(
     picture = load_image(image)
     inputs = build_inputs(loaded.processor, [picture] * batch_size, ["Describe the image."] * batch_size,
                           device=loaded.device)
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=status_console, transient=True) as progress:
         task = progress.add_task("plain vs traced forward", total=repeats)
         result = measure_trace_overhead(loaded, inputs, repeats=repeats,
                                         progress=lambda done, total: progress.update(task, completed=done))
