@@ -55,3 +55,12 @@ def test_truncated_png_is_caught_at_load(tmp_path):
 def test_unknown_sample_lists_the_choices():
     with pytest.raises(InputError, match="astronaut"):
         load_image("sample:nope")
+
+
+def test_probe_scene_source_is_the_generated_scene():
+    from workbench.data.probe_scenes import generate_scene, scene_seed
+
+    expected = generate_scene(scene_seed("test", 3)).image.convert("RGB")
+    np.testing.assert_array_equal(np.asarray(load_image("probe:test:3")), np.asarray(expected))
+    with pytest.raises(InputError, match="probe:SPLIT:INDEX"):
+        load_image("probe:nosuchsplit:1")

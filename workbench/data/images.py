@@ -1,4 +1,5 @@
-"""Open images named by the user: a file path, or `sample:NAME` for photos shipped in scikit-image / scikit-learn.
+"""Open images named by the user: a file path, `sample:NAME` for photos shipped in scikit-image /
+scikit-learn, or `probe:SPLIT:INDEX` for a generated probe scene (whose ground truth is known).
 
 Every failure (missing file, unreadable or corrupt image, unknown sample) raises `InputError`
 with one line naming the source, so callers can report it and move on to the next image.
@@ -15,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from workbench.errors import InputError
 
 SAMPLE_PREFIX = "sample:"
+PROBE_PREFIX = "probe:"
 MIN_IMAGE_SIDE = 2  # a 1x1 "image" cannot cover even one patch meaningfully
 
 
@@ -58,11 +60,23 @@ def load_sample(name: str) -> Image.Image:
     return Image.fromarray(loader()).convert("RGB")
 
 
+def load_probe_scene_image(spec: str) -> Image.Image:
+    """`SPLIT:INDEX`, e.g. `test:3`: the probe scene with that index in that split."""
+    from workbench.data.probe_scenes import SPLITS, generate_scene, scene_seed
+
+    split, _, index = spec.partition(":")
+    if split not in SPLITS or not index.isdigit():
+        raise InputError(f"bad probe scene {spec!r}: write probe:SPLIT:INDEX with SPLIT one of {', '.join(SPLITS)}")
+    return generate_scene(scene_seed(split, int(index))).image.convert("RGB")
+
+
 def load_image(source: str | Path) -> Image.Image:
-    """An RGB image from a path or `sample:NAME`."""
+    """An RGB image from a path, `sample:NAME` or `probe:SPLIT:INDEX`."""
     text = str(source)
     if text.startswith(SAMPLE_PREFIX):
         return load_sample(text[len(SAMPLE_PREFIX) :])
+    if text.startswith(PROBE_PREFIX):
+        return load_probe_scene_image(text[len(PROBE_PREFIX) :])
     path = Path(text)
     if not path.is_file():
         raise InputError(f"image not found: {path} (give a file path or sample:NAME)")
