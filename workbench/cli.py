@@ -25,6 +25,8 @@ data_app = typer.Typer(help="Datasets: probe scenes with ground truth.", no_args
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(data_app, name="data")
+eval_app = typer.Typer(help="Evaluations: accuracy on held-out probe scenes.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 console = Console()
 # Notes, spinners and progress go to stderr so that `--json` output on stdout stays parseable.
 status_console = Console(stderr=True)
@@ -44,7 +46,7 @@ def _load(name: str):
 
 @app.command()
 def inspect(
-    image: str = typer.Argument(..., help="An image path, or sample:NAME (astronaut, chelsea, coffee, rocket, china, flower)."),
+    image: str = typer.Argument(..., help="An image path, sample:NAME (astronaut, chelsea, coffee, rocket, china, flower) or probe:SPLIT:INDEX."),
     model: str = MODEL_OPTION,
     prompt: str = typer.Option("Describe the image.", "--prompt", "-p"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -138,6 +140,39 @@ def probe_scenes(
 
     path = write_probe_scenes(out, n=n, seed=seed, split=split)
     console.print(f"wrote {n} scenes and {path}")
+
+
+@eval_app.command("vqa")
+def eval_vqa(
+    model: str = MODEL_OPTION,
+    split: str = typer.Option("test", help="train, val or test."),
+    n: int = typer.Option(500, min=1, help="How many questions, balanced over question types."),
+    batch_size: int = typer.Option(8, min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Exact-match accuracy on probe-scene questions, next to no-vision and majority-answer references."""
+    from workbench.evaluation.vqa import evaluate_vqa
+
+    loaded = _load(model)
+    with Progress(console=status_console, transient=True) as progress:
+        task = progress.add_task("answering (model, then no vision)", total=2 * n)
+        report = evaluate_vqa(loaded, split=split, n=n, batch_size=batch_size,
+                              progress=lambda done, total: progress.update(task, completed=done, total=total))
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    scores = Table("type", "n", "model", "no vision", "majority",
+                   title=f"VQA exact match: {report.model} on {report.n} {report.split} questions "
+                         f"({report.seconds:.0f} s)")
+    for name, row in [*report.by_type.items(), ("overall", report.overall)]:
+        if name == "overall":
+            scores.add_section()
+        scores.add_row(name, str(row.n), f"{row.model:.1%}", f"{row.no_vision:.1%}", f"{row.majority:.1%}")
+    console.print(scores)
+    examples = Table("question", "answer", "model", "no vision", title="First example of each type")
+    for first, *_ in report.examples.values():
+        examples.add_row(first.question, first.answer, repr(first.prediction), repr(first.no_vision_prediction))
+    console.print(examples)
 
 
 def main() -> None:

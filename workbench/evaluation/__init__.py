@@ -1,0 +1,1 @@
+"""Evaluations that score models on held-out data: exact-match VQA accuracy on probe scenes."""
