@@ -27,6 +27,8 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(data_app, name="data")
 eval_app = typer.Typer(help="Evaluations: accuracy on held-out probe scenes.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+train_app = typer.Typer(help="Training recipes that produce the weights the workbench ships.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 console = Console()
 # Notes, spinners and progress go to stderr so that `--json` output on stdout stays parseable.
 status_console = Console(stderr=True)
@@ -173,6 +175,52 @@ def eval_vqa(
     for first, *_ in report.examples.values():
         examples.add_row(first.question, first.answer, repr(first.prediction), repr(first.no_vision_prediction))
     console.print(examples)
+
+
+@train_app.command("default")
+def train_default(
+    config: Path | None = typer.Option(None, "--config", help="Recipe YAML (default: the shipped recipe)."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder (default: runs/train-default, "
+                                                        "runs/train-default-smoke with --smoke)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="Continue from the run folder's last checkpoint, or start over."),
+    install: bool = typer.Option(False, "--install", help="Copy the finished run's weights to where "
+                                                          "load_model('default') applies them."),
+    smoke: bool = typer.Option(False, "--smoke", help="4 steps per stage on 8 scenes: checks wiring, times steps."),
+) -> None:
+    """Train the default model: projector on captions, then projector + LoRA on questions (about an hour on 2 cores)."""
+    from workbench.models.default_model import DEFAULT_WEIGHTS_DIR
+    from workbench.recipes.default_model import (
+        DEFAULT_RECIPE,
+        RecipeError,
+        install_run,
+        load_recipe,
+        smoke_recipe,
+        train_default_model,
+        verify_installation,
+    )
+
+    if smoke and install:
+        raise RecipeError("a --smoke run only checks the wiring; its weights are not for installing")
+    recipe = load_recipe(config or DEFAULT_RECIPE)
+    recipe = smoke_recipe(recipe) if smoke else recipe
+    run_dir = out or Path("runs/train-default-smoke" if smoke else "runs/train-default")
+    try:
+        result = train_default_model(recipe, run_dir, resume=resume)
+    except KeyboardInterrupt:
+        status_console.print(f"interrupted; `wb train default --out {run_dir}` continues from the last checkpoint")
+        raise typer.Exit(130) from None
+    for name, stage in result.metrics["stages"].items():
+        console.print(f"{name}: {stage['steps']} steps, {stage['answers']} answers, "
+                      f"{stage['seconds_per_step']:.2f} s/step, "
+                      f"loss {stage['loss_first_tenth']:.3f} -> {stage['loss_last_tenth']:.3f}")
+    console.print(f"run folder {result.run_dir} ({result.metrics['total_seconds'] / 60:.1f} min)")
+    if install:
+        with status_console.status("installing and loading the default model with the new weights ..."):
+            installed = install_run(result.run_dir)
+            verify_installation()
+        console.print(f"installed {len(installed)} files into {DEFAULT_WEIGHTS_DIR}; "
+                      "load_model('default') applies them")
 
 
 def main() -> None:

@@ -1,0 +1,280 @@
+"""The default model's training recipe: sequences and labels, the cached-feature forward, training and resuming.
+
+Sequences and the forward parity use the real default model and processor; training runs use a tiny
+random Llava that shares the real tokenizer (so the real chat template and label masks are exercised)
+and takes milliseconds per step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from workbench.cli import main
+from workbench.data.probe_scenes import ProbeScene, QAPair, iter_split
+from workbench.models.adapter import adapter_for
+from workbench.models.default_model import NUM_IMAGE_TOKENS
+from workbench.models.inputs import format_prompt
+from workbench.recipes import default_model as recipe
+from workbench.recipes.default_model import (
+    RecipeConfig,
+    RecipeError,
+    collate,
+    install_run,
+    load_recipe,
+    parse_recipe,
+    projector_inputs,
+    supervised_logits,
+    train_default_model,
+)
+from workbench.recipes.sequences import (
+    IGNORE_INDEX,
+    Conversation,
+    caption_conversation,
+    chat_messages,
+    qa_conversations,
+    render,
+    split_evenly,
+    tokenise_conversation,
+)
+
+TINY_IMAGE_TOKENS = 16  # 224 px images in 56 px patches
+
+
+@pytest.fixture(scope="module")
+def processor(default_model):
+    return default_model.processor
+
+
+@pytest.fixture(scope="module")
+def scene() -> ProbeScene:
+    return next(iter_split("train", 1))
+
+
+def qa_turns(scene: ProbeScene, count: int) -> tuple[tuple[str, str], ...]:
+    return tuple((pair.question, pair.answer) for pair in scene.qa[:count])
+
+
+def supervised_runs(labels: torch.Tensor) -> list[list[int]]:
+    """Maximal runs of consecutive supervised label tokens."""
+    runs: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for label in labels.tolist():
+        if label != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                runs.append([])
+            runs[-1].append(label)
+        previous = label
+    return runs
+
+
+# --- sequences -------------------------------------------------------------------------
+
+
+def test_first_turn_is_exactly_the_evaluation_prompt(processor, scene):
+    tokenised = tokenise_conversation(processor, Conversation(0, qa_turns(scene, 3)), NUM_IMAGE_TOKENS)
+    question = scene.qa[0].question
+    prompt = processor(text=[format_prompt(processor, question)], images=[scene.image], return_tensors="pt")
+    first_label = int((tokenised.labels != IGNORE_INDEX).nonzero()[0])
+    assert tokenised.input_ids[:first_label].tolist() == prompt["input_ids"][0].tolist()
+
+
+@pytest.mark.parametrize("kind", ["questions", "caption"])
+def test_labels_cover_exactly_each_answer_and_its_end_of_turn(processor, scene, kind):
+    conversation = (Conversation(0, qa_turns(scene, 4)) if kind == "questions"
+                    else caption_conversation(0, scene.caption))
+    tokenised = tokenise_conversation(processor, conversation, NUM_IMAGE_TOKENS)
+    tokenizer = processor.tokenizer
+    decoded = [tokenizer.decode(run) for run in supervised_runs(tokenised.labels)]
+    assert decoded == [answer + tokenizer.eos_token for _, answer in conversation.turns]
+    supervised = tokenised.labels != IGNORE_INDEX
+    assert torch.equal(tokenised.labels[supervised], tokenised.input_ids[supervised])
+    image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert int((tokenised.input_ids == image_token_id).sum()) == NUM_IMAGE_TOKENS
+
+
+def test_conversation_tokenises_like_the_processor_on_the_whole_text(processor, scene):
+    turns = qa_turns(scene, 5)
+    tokenised = tokenise_conversation(processor, Conversation(0, turns), NUM_IMAGE_TOKENS)
+    text = render(processor, chat_messages(turns), add_generation_prompt=False)
+    reference = processor(text=[text], images=[scene.image], return_tensors="pt")["input_ids"][0]
+    assert tokenised.input_ids.tolist() == reference.tolist()
+
+
+def test_split_evenly_balances_chunks():
+    assert [len(chunk) for chunk in split_evenly(list(range(10)), 4)] == [4, 3, 3]
+    assert [len(chunk) for chunk in split_evenly(list(range(8)), 8)] == [8]
+    assert split_evenly([], 3) == []
+
+
+@pytest.mark.parametrize("single_question_fraction", [0.0, 1.0])
+def test_qa_packing_uses_every_pair_once_within_the_turn_limit(single_question_fraction):
+    pairs = [QAPair(f"question {index}?", f"answer {index}", "count") for index in range(23)]
+    rng = np.random.default_rng(0)
+    conversations = qa_conversations(7, pairs, rng, max_turns=10, single_question_fraction=single_question_fraction)
+    turns = [turn for conversation in conversations for turn in conversation.turns]
+    assert sorted(turns) == sorted((pair.question, pair.answer) for pair in pairs)
+    assert all(conversation.scene == 7 and len(conversation.turns) <= 10 for conversation in conversations)
+    assert (len(conversations[0].turns) == 1) == (single_question_fraction == 1.0)
+
+
+# --- the cached-feature forward ---------------------------------------------------------
+
+
+def test_cached_feature_forward_equals_the_model_forward(default_model, processor, scene):
+    tokenised = tokenise_conversation(processor, Conversation(0, qa_turns(scene, 2)), NUM_IMAGE_TOKENS)
+    pixel_values = processor.image_processor([scene.image], return_tensors="pt")["pixel_values"]
+    features = projector_inputs(default_model.adapter, pixel_values)
+    batch = collate([tokenised], features, processor.tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        logits, targets = supervised_logits(default_model.adapter, batch)
+        reference = default_model.model(input_ids=batch.input_ids, pixel_values=pixel_values).logits[0, :-1]
+    supervised = tokenised.labels[1:] != IGNORE_INDEX
+    assert torch.equal(targets, tokenised.labels[1:][supervised])
+    torch.testing.assert_close(logits, reference[supervised], atol=2e-4, rtol=1e-4)
+
+
+# --- training on a tiny model -------------------------------------------------------------
+
+
+def tiny_llava(processor) -> LlavaForConditionalGeneration:
+    """A random 2-layer Llava over the real tokenizer's vocabulary, so real conversations fit it."""
+    torch.manual_seed(0)
+    tokenizer = processor.tokenizer
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                       max_position_embeddings=1024, tie_word_embeddings=True)
+    vision = CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=224, patch_size=56)
+    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", image_seq_length=TINY_IMAGE_TOKENS,
+                         image_token_id=tokenizer.convert_tokens_to_ids(processor.image_token),
+                         tie_word_embeddings=True)
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def tiny_recipe() -> RecipeConfig:
+    shipped = load_recipe()
+    short = {"steps": 8, "conversations_per_step": 3, "micro_batch_size": 2, "warmup_steps": 1,
+             "learning_rate": 1e-2}
+    # Dropout on, so a resumed run must also reproduce each step's random dropout masks.
+    lora = shipped.stage2.lora.model_copy(update={"rank": 4, "alpha": 8, "dropout": 0.1})
+    return shipped.model_copy(update={
+        "train_scenes": 5, "feature_batch_size": 2, "checkpoint_every": 3,
+        "stage1": shipped.stage1.model_copy(update=short),
+        "stage2": shipped.stage2.model_copy(update=short | {"max_turns": 4, "lora": lora}),
+    })
+
+
+@pytest.fixture(scope="module")
+def tiny_loader(processor):
+    return lambda: (tiny_llava(processor), processor)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_loader) -> Path:
+    run_dir = tmp_path_factory.mktemp("tiny-run")
+    train_default_model(tiny_recipe(), run_dir, base_model_loader=tiny_loader)
+    return run_dir
+
+
+def run_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "projector.safetensors") | load_file(run_dir / "lora" / "adapter_model.safetensors")
+
+
+def test_padded_batch_gives_the_same_logits_as_single_rows(processor, scene):
+    adapter = adapter_for(tiny_llava(processor))
+    short, long = (tokenise_conversation(processor, Conversation(row, qa_turns(scene, turns)), TINY_IMAGE_TOKENS)
+                   for row, turns in ((0, 1), (1, 4)))
+    features = torch.randn(2, TINY_IMAGE_TOKENS, 24)
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        together, _ = supervised_logits(adapter, collate([short, long], features, pad, torch.device("cpu")))
+        apart = [supervised_logits(adapter, collate([one], features, pad, torch.device("cpu")))[0]
+                 for one in (short, long)]
+    torch.testing.assert_close(together, torch.cat(apart), atol=1e-5, rtol=1e-5)
+
+
+def test_training_reduces_the_loss_in_both_stages(tmp_path, tiny_loader):
+    # One scene, one conversation per step: every step sees the same answers, so the loss must fall.
+    config = tiny_recipe()
+    config = config.model_copy(update={
+        "train_scenes": 1,
+        "stage1": config.stage1.model_copy(update={"conversations_per_step": 1}),
+        "stage2": config.stage2.model_copy(update={"conversations_per_step": 1, "max_turns": 30}),
+    })
+    metrics = train_default_model(config, tmp_path, base_model_loader=tiny_loader).metrics
+    for stage in ("stage1", "stage2"):
+        assert metrics["stages"][stage]["steps"] == 8
+        assert metrics["stages"][stage]["loss_last_tenth"] < metrics["stages"][stage]["loss_first_tenth"] - 0.02
+    assert metrics["stages"]["stage2"]["answers"] > metrics["stages"]["stage2"]["conversations"]
+    assert {"cpu", "cpu_cores", "gpu"} <= set(metrics["hardware"])
+
+
+@pytest.mark.parametrize("stage, step", [("stage1", 4), ("stage2", 5)])
+def test_resuming_after_an_interruption_gives_identical_weights(tmp_path, monkeypatch, tiny_loader, finished_run,
+                                                                stage, step):
+    uninterrupted_step = recipe.train_step
+
+    def interrupted_step(run, at_step, conversations):
+        if run.name == stage and at_step == step:
+            raise KeyboardInterrupt
+        return uninterrupted_step(run, at_step, conversations)
+
+    monkeypatch.setattr(recipe, "train_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_default_model(tiny_recipe(), tmp_path, base_model_loader=tiny_loader)
+    monkeypatch.setattr(recipe, "train_step", uninterrupted_step)
+    resumed = train_default_model(tiny_recipe(), tmp_path, base_model_loader=tiny_loader)
+
+    expected, actual = run_weights(finished_run), run_weights(tmp_path)
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    straight = json.loads((finished_run / "metrics.json").read_text())
+    assert resumed.metrics["stages"][stage]["loss_curve"] == straight["stages"][stage]["loss_curve"]
+
+
+def test_resuming_with_another_recipe_is_refused(finished_run, tiny_loader):
+    other = tiny_recipe().model_copy(update={"seed": 1})
+    with pytest.raises(RecipeError, match="different recipe"):
+        train_default_model(other, finished_run, base_model_loader=tiny_loader)
+
+
+def test_install_copies_the_run_outputs(finished_run, tmp_path):
+    installed = install_run(finished_run, tmp_path)
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in installed) == sorted(recipe.INSTALLED_FILES)
+    assert load_recipe(tmp_path / "recipe.yaml") == tiny_recipe()
+    with pytest.raises(RecipeError, match="no finished run"):
+        install_run(tmp_path / "nothing-here", tmp_path / "weights")
+
+
+# --- the recipe file ----------------------------------------------------------------------
+
+
+def test_shipped_recipe_is_valid_and_unknown_keys_are_rejected():
+    shipped = load_recipe()
+    data = shipped.model_dump()
+    data["stage1"]["lerning_rate"] = 1e-3
+    with pytest.raises(RecipeError) as error:
+        parse_recipe(data, "bad.yaml")
+    assert str(error.value) == "recipe bad.yaml: stage1.lerning_rate: Extra inputs are not permitted"
+
+
+def test_wb_train_default_reports_a_bad_recipe_in_one_line(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 0\nbogus: 1\n")
+    monkeypatch.setattr(sys, "argv", ["wb", "train", "default", "--config", str(bad), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and stderr.startswith(f"error: recipe {bad}: ")
