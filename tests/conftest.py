@@ -35,3 +35,25 @@ def default_model() -> LoadedModel:
     from workbench.models.loading import load_model
 
     return load_model("default", device="cpu")
+
+
+@pytest.fixture
+def run_wb(monkeypatch, capsys):
+    """Run `wb ARGS...` in-process; `model` (a LoadedModel) stands in for whatever --model names.
+
+    Returns (exit code, stdout, stderr).
+    """
+    import sys
+
+    from workbench.cli import main
+
+    def run(*args: str, model: LoadedModel | None = None) -> tuple[int, str, str]:
+        if model is not None:
+            monkeypatch.setattr("workbench.models.loading.load_model", lambda name: model)
+        monkeypatch.setattr(sys, "argv", ["wb", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        captured = capsys.readouterr()
+        return exit_info.value.code, captured.out, captured.err
+
+    return run

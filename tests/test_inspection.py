@@ -1,12 +1,10 @@
 """`wb inspect`: nearest-vocabulary reading of visual tokens, and the report on the default model."""
 
 import json
-import sys
 
 import pytest
 import torch
 
-from workbench.cli import main
 from workbench.inspection import nearest_vocabulary, spread_indices
 
 
@@ -24,13 +22,10 @@ def test_spread_indices_cover_the_grid():
     assert spread_indices(3, 5) == [0, 1, 2]
 
 
-def test_inspect_on_the_default_model(default_model, monkeypatch, capsys):
-    monkeypatch.setattr("workbench.models.loading.load_model", lambda name: default_model)
-    monkeypatch.setattr(sys, "argv", ["wb", "inspect", "sample:coffee", "--json", "--max-new-tokens", "8"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 0
-    report = json.loads(capsys.readouterr().out)
+def test_inspect_on_the_default_model(default_model, run_wb):
+    code, out, _ = run_wb("inspect", "sample:coffee", "--json", "--max-new-tokens", "8", model=default_model)
+    assert code == 0
+    report = json.loads(out)
     assert report["num_visual_tokens"] == 256 and report["grid"] == [16, 16]
     assert [row["layer"] for row in report["layer_norms"]] == ["input"] + [str(i) for i in range(30)]
     assert all(row["visual"] > 0 and row["text"] > 0 for row in report["layer_norms"])

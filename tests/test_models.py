@@ -1,12 +1,9 @@
 """Architecture adapters, model loading and its one-line errors, on tiny models built here."""
 
-import sys
-
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.tiny_models import LLAVA_IMAGE_ID, QWEN_IMAGE_ID, image_tokens_llava, llava_batch, tiny_llava
-from workbench.cli import main
 from workbench.errors import InputError, ModelLoadError
 from workbench.models.adapter import adapter_for, supported_model_types
 from workbench.models.inputs import format_prompt
@@ -101,14 +98,11 @@ def test_prompt_placeholder_rules():
         format_prompt(_Processor(), "What is it?")
 
 
-def test_cli_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
+def test_cli_reports_bad_input_in_one_line(tmp_path, run_wb):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     for image, expected in [(str(tmp_path / "missing.png"), "image not found"), (str(corrupt), "cannot read image")]:
-        monkeypatch.setattr(sys, "argv", ["wb", "inspect", image])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        stderr = capsys.readouterr().err
-        assert exit_info.value.code == 2
+        code, _, stderr = run_wb("inspect", image)
+        assert code == 2
         assert stderr.startswith("error: ") and expected in stderr
         assert len(stderr.strip().splitlines()) == 1, stderr

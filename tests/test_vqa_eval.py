@@ -1,13 +1,11 @@
 """VQA evaluation: answer matching, question selection, references, batched generation, `wb eval vqa`."""
 
 import json
-import sys
 from collections import Counter
 
 import pytest
 import torch
 
-from workbench.cli import main
 from workbench.data.probe_scenes import QUESTION_TYPES, QAPair
 from workbench.errors import InputError
 from workbench.evaluation.vqa import (
@@ -122,13 +120,10 @@ def test_batched_generation_equals_one_by_one(default_model):
     assert batched == one_by_one
 
 
-def test_wb_eval_vqa_json(default_model, monkeypatch, capsys):
-    monkeypatch.setattr("workbench.models.loading.load_model", lambda name: default_model)
-    monkeypatch.setattr(sys, "argv", ["wb", "eval", "vqa", "--n", "6", "--json"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 0
-    report = json.loads(capsys.readouterr().out)
+def test_wb_eval_vqa_json(default_model, run_wb):
+    code, out, _ = run_wb("eval", "vqa", "--n", "6", "--json", model=default_model)
+    assert code == 0
+    report = json.loads(out)
     assert (report["model"], report["split"], report["n"]) == ("default", "test", 6)
     assert list(report["by_type"]) == list(QUESTION_TYPES)
     rows = [*report["by_type"].values(), report["overall"]]

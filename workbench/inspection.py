@@ -73,13 +73,6 @@ def mean_norms(traced: Capture) -> list[LayerNorms]:
     ]
 
 
-def generate_answer(loaded: LoadedModel, inputs, max_new_tokens: int) -> str:
-    with torch.no_grad():
-        output = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new_tokens = output[0, inputs["input_ids"].shape[1] :]
-    return loaded.processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-
-
 def inspect_image(
     loaded: LoadedModel,
     image: Image.Image,
@@ -112,7 +105,7 @@ def inspect_image(
         prompt=prompt,
         num_visual_tokens=layout.num_tokens,
         grid=(layout.rows, layout.cols),
-        answer=generate_answer(loaded, inputs, max_new_tokens),
+        answer=loaded.generate_text(inputs, max_new_tokens)[0],
         layer_norms=mean_norms(traced),
         nearest_tokens=nearest,
         notes=list(loaded.notes),

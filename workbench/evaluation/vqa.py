@@ -127,12 +127,7 @@ def generate_answers(loaded: LoadedModel, images: Sequence[Image.Image], prompts
                      max_new_tokens: int) -> list[str]:
     """Greedy answers for one left-padded batch; each row stops at its end-of-sequence token."""
     inputs = build_inputs(loaded.processor, images, prompts, device=loaded.device)
-    with torch.no_grad():
-        output = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    # Left padding puts every prompt's last token in the same column, so new tokens start after it;
-    # rows that stopped early are filled with the pad token, which decoding skips as special.
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]
-    return [text.strip() for text in loaded.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return loaded.generate_text(inputs, max_new_tokens)
 
 
 @contextmanager

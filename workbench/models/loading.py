@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,15 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def generate_text(self, inputs: Mapping[str, torch.Tensor], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of a left-padded batch, decoded without the prompt or special tokens."""
+        with torch.no_grad():
+            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        # Left padding puts every prompt's last token in the same column, so new tokens start after it;
+        # rows that stopped early are filled with the pad token, which decoding skips as special.
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return [text.strip() for text in self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     @functools.cached_property
     def nnsight(self):
