@@ -23,17 +23,9 @@ from workbench.models.adapter import adapter_for
 from workbench.models.default_model import NUM_IMAGE_TOKENS
 from workbench.models.inputs import format_prompt
 from workbench.recipes import default_model as recipe
-from workbench.recipes.default_model import (
-    RecipeConfig,
-    RecipeError,
-    collate,
-    install_run,
-    load_recipe,
-    parse_recipe,
-    projector_inputs,
-    supervised_logits,
-    train_default_model,
-)
+from workbench.recipes.config import RecipeConfig, RecipeError, load_recipe, parse_recipe
+from workbench.recipes.default_model import collate, install_run, supervised_logits, train_default_model
+from workbench.recipes.features import projector_inputs
 from workbench.recipes.sequences import (
     IGNORE_INDEX,
     Conversation,

@@ -190,15 +190,8 @@ def train_default(
 ) -> None:
     """Train the default model: projector on captions, then projector + LoRA on questions (about an hour on 2 cores)."""
     from workbench.models.default_model import DEFAULT_WEIGHTS_DIR
-    from workbench.recipes.default_model import (
-        DEFAULT_RECIPE,
-        RecipeError,
-        install_run,
-        load_recipe,
-        smoke_recipe,
-        train_default_model,
-        verify_installation,
-    )
+    from workbench.recipes.config import DEFAULT_RECIPE, RecipeError, load_recipe, smoke_recipe
+    from workbench.recipes.default_model import install_run, train_default_model, verify_installation
 
     if smoke and install:
         raise RecipeError("a --smoke run only checks the wiring; its weights are not for installing")

@@ -17,7 +17,6 @@ uninterrupted one. The run folder ends up with `projector.safetensors`, `lora/`,
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -27,23 +26,19 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import peft
 import torch
 import transformers
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from workbench.data.probe_scenes import QAPair, iter_split, scene_seed
-from workbench.errors import WorkbenchError
 from workbench.models.adapter import ArchitectureAdapter, adapter_for
 from workbench.models.default_model import (
     DEFAULT_WEIGHTS_DIR,
@@ -51,6 +46,24 @@ from workbench.models.default_model import (
     build_default_model,
     load_default_model,
 )
+from workbench.models.loading import default_device
+from workbench.recipes.checkpoints import (
+    LORA_INIT_STREAM,
+    QA_PACKING_STREAM,
+    SCENE_ORDER_STREAM,
+    STEP_ORDER_STREAM,
+    RunPaths,
+    RunState,
+    StageRecord,
+    restore,
+    save_checkpoint,
+    seed_from,
+    stage_number,
+    start_or_resume,
+    step_seed,
+)
+from workbench.recipes.config import LoraSettings, RecipeConfig, RecipeError, StageConfig, StageName
+from workbench.recipes.features import SceneText, prepare_features
 from workbench.recipes.sequences import (
     IGNORE_INDEX,
     Conversation,
@@ -60,280 +73,18 @@ from workbench.recipes.sequences import (
     tokenise_conversation,
 )
 
-DEFAULT_RECIPE = Path(__file__).with_suffix(".yaml")
 DEFAULT_RUN_DIR = Path("runs/train-default")
-TRAIN_SPLIT = "train"
 PROJECTOR_PREFIX = "multi_modal_projector."  # the key format `load_default_model` expects
 # Conversations are sorted by length within windows of this many steps, so a micro-batch pads little,
 # while the order across windows stays random.
 BUCKET_STEPS = 16
-ADAM_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 LOSS_CURVE_POINTS = 20
 INSTALLED_FILES = ("projector.safetensors", "lora/adapter_model.safetensors", "lora/adapter_config.json",
                    "recipe.yaml", "metrics.json")
-StageName = Literal["stage1", "stage2"]
 STAGE_TITLES = {"stage1": "projector on captions", "stage2": "projector + LoRA on questions"}
-# Each use of randomness draws from its own seeded stream, tagged by its first entropy word.
-SCENE_ORDER_STREAM, QA_PACKING_STREAM, STEP_ORDER_STREAM, STEP_SEED_STREAM, LORA_INIT_STREAM = range(5)
 
 
-class RecipeError(WorkbenchError):
-    """A recipe or run folder that cannot be used as it is."""
-
-
-# --- the recipe ----------------------------------------------------------------------
-
-
-class StageConfig(BaseModel):
-    """One stage's optimisation: AdamW, linear warmup, then cosine decay to a fraction of the peak."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(gt=0)
-    conversations_per_step: int = Field(gt=0)
-    micro_batch_size: int = Field(gt=0)
-    learning_rate: float = Field(gt=0)
-    warmup_steps: int = Field(ge=0)
-    final_learning_rate_ratio: float = Field(ge=0, le=1)
-    weight_decay: float = Field(ge=0)
-    max_grad_norm: float = Field(gt=0)
-
-
-class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rank: int = Field(gt=0)
-    alpha: float = Field(gt=0)
-    dropout: float = Field(ge=0, lt=1)
-    target_modules: list[str] = Field(min_length=1)  # module names inside the LLM's decoder layers
-
-
-class QAStageConfig(StageConfig):
-    max_turns: int = Field(gt=0)
-    single_question_fraction: float = Field(ge=0, le=1)
-    lora: LoraSettings
-
-
-class RecipeConfig(BaseModel):
-    """Everything that determines a run; a run folder keeps the one it was started with."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    seed: int
-    train_scenes: int = Field(gt=0)
-    precision: Literal["bf16", "fp32"]
-    threads: PositiveInt | None  # None: one per CPU core
-    feature_batch_size: int = Field(gt=0)
-    checkpoint_every: int = Field(gt=0)
-    stage1: StageConfig
-    stage2: QAStageConfig
-
-    def stage(self, name: StageName) -> StageConfig:
-        return getattr(self, name)
-
-
-def parse_recipe(data: Any, source: str) -> RecipeConfig:
-    """Validate a recipe mapping; the first problem becomes a one-line `RecipeError`."""
-    try:
-        return RecipeConfig.model_validate(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "top level"
-        more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
-        raise RecipeError(f"recipe {source}: {where}: {first['msg']}{more}") from None
-
-
-def load_recipe(path: Path = DEFAULT_RECIPE) -> RecipeConfig:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as error:
-        raise RecipeError(f"cannot read recipe {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise RecipeError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    return parse_recipe(data, str(path))
-
-
-def smoke_recipe(config: RecipeConfig) -> RecipeConfig:
-    """The same recipe cut to 4 steps per stage on 8 scenes: checks the wiring and times real steps."""
-    short = {"steps": 4, "warmup_steps": 1}
-    return config.model_copy(update={
-        "train_scenes": 8, "checkpoint_every": 2,
-        "stage1": config.stage1.model_copy(update=short), "stage2": config.stage2.model_copy(update=short),
-    })
-
-
-def recipe_yaml(config: RecipeConfig) -> str:
-    return yaml.safe_dump(config.model_dump(), sort_keys=False)
-
-
-# --- run folder and state ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    root: Path
-
-    @property
-    def recipe(self) -> Path:
-        return self.root / "recipe.yaml"
-
-    @property
-    def features(self) -> Path:
-        return self.root / "features.safetensors"
-
-    @property
-    def scenes(self) -> Path:
-        return self.root / "scenes.jsonl"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "checkpoint"
-
-    @property
-    def checkpoint_state(self) -> Path:
-        return self.checkpoint / "state.json"
-
-    @property
-    def projector(self) -> Path:
-        return self.root / "projector.safetensors"
-
-    @property
-    def lora(self) -> Path:
-        return self.root / "lora"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.json"
-
-
-@dataclass
-class StageRecord:
-    """What a stage has done so far: kept in checkpoints, summarised in metrics.json."""
-
-    losses: list[float] = field(default_factory=list)
-    conversations: int = 0
-    answers: int = 0
-    supervised_tokens: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-
-
-@dataclass
-class RunState:
-    """Where a run is: `step` steps of `stage` are done (stage 2, step 0 right after stage 1)."""
-
-    stage: StageName = "stage1"
-    step: int = 0
-    finished: bool = False
-    feature_seconds: float = 0.0
-    records: dict[str, StageRecord] = field(default_factory=lambda: {"stage1": StageRecord(),
-                                                                     "stage2": StageRecord()})
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunState:
-        records = {name: StageRecord(**record) for name, record in data["records"].items()}
-        return cls(data["stage"], data["step"], data["finished"], data["feature_seconds"], records)
-
-
-@dataclass
-class Checkpoint:
-    stage: StageName  # the stage its tensors belong to (the run state moves on as training continues)
-    state: RunState
-    tensors: dict[str, torch.Tensor]  # "param/NAME" and "adam/KEY/NAME"
-
-
-def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
-
-
-def stage_number(stage: StageName) -> int:
-    return int(stage[-1])
-
-
-def seed_from(*entropy: int) -> int:
-    return int(np.random.default_rng(list(entropy)).integers(2**62))
-
-
-def step_seed(seed: int, stage: StageName, step: int) -> int:
-    """The torch seed of one step: randomness inside a step (LoRA dropout) does not depend on resuming."""
-    return seed_from(STEP_SEED_STREAM, seed, stage_number(stage), step)
-
-
-def save_checkpoint(paths: RunPaths, config: RecipeConfig, state: RunState, parameters: dict[str, nn.Parameter],
-                    optimizer: torch.optim.Optimizer | None) -> None:
-    """Tensors first under a step-specific name, then the JSON that points at them (the commit point)."""
-    paths.checkpoint.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param/{name}": parameter.detach().contiguous() for name, parameter in parameters.items()}
-    if optimizer is not None:
-        tensors |= optimizer_tensors(optimizer, list(parameters))
-    tensor_file = f"{state.stage}-step{state.step:06d}.safetensors"
-    # Written aside and renamed: the final save rewrites the file the current JSON points at.
-    partial = paths.checkpoint / f"{tensor_file}.partial"
-    save_file({name: tensor.cpu() for name, tensor in tensors.items()}, partial)
-    os.replace(partial, paths.checkpoint / tensor_file)
-    write_json_atomically(paths.checkpoint_state, {
-        "tensors": tensor_file,
-        "recipe": config.model_dump(),
-        # Steps reseed torch (`step_seed`) and the step plan derives from the seed, so this is all the
-        # randomness a resumed run needs.
-        "rng": {"seed": config.seed, "next_step_torch_seed": step_seed(config.seed, state.stage, state.step)},
-        "state": asdict(state),
-    })
-    for stale in paths.checkpoint.glob("*.safetensors"):
-        if stale.name != tensor_file:
-            stale.unlink()
-
-
-def load_checkpoint(paths: RunPaths) -> Checkpoint | None:
-    if not paths.checkpoint_state.is_file():
-        return None
-    saved = json.loads(paths.checkpoint_state.read_text())
-    state = RunState.from_dict(saved["state"])
-    return Checkpoint(state.stage, state, load_file(paths.checkpoint / saved["tensors"]))
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
-    """AdamW's per-parameter state as flat named tensors (the optimizer has one group, in `names` order)."""
-    state = optimizer.state_dict()["state"]
-    return {f"adam/{key}/{name}": state[index][key].contiguous()
-            for index, name in enumerate(names) if index in state for key in ADAM_STATE_KEYS}
-
-
-def restore(checkpoint: Checkpoint, parameters: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-    """Load a checkpoint's weights, and its AdamW state where it has one, into this stage's parameters."""
-    names = list(parameters)
-    for key, tensor in checkpoint.tensors.items():
-        kind, _, name = key.partition("/")
-        if kind == "param":
-            if name not in parameters:
-                raise RecipeError(f"the checkpoint has weights for {name}, which this recipe does not train")
-            with torch.no_grad():
-                parameters[name].copy_(tensor)
-    state = {index: {key: checkpoint.tensors[f"adam/{key}/{name}"] for key in ADAM_STATE_KEYS}
-             for index, name in enumerate(names) if f"adam/step/{name}" in checkpoint.tensors}
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-def start_or_resume(paths: RunPaths, config: RecipeConfig, resume: bool) -> Checkpoint | None:
-    """The checkpoint to continue from, or None after clearing what a previous run left (features stay)."""
-    if resume and paths.checkpoint_state.is_file():
-        saved = json.loads(paths.checkpoint_state.read_text())["recipe"]
-        if saved != config.model_dump():
-            raise RecipeError(f"{paths.root} holds a run of a different recipe; pass --no-resume to start over "
-                              "or choose another --out")
-        return load_checkpoint(paths)
-    shutil.rmtree(paths.checkpoint, ignore_errors=True)
-    shutil.rmtree(paths.lora, ignore_errors=True)
-    for output in (paths.projector, paths.metrics):
-        output.unlink(missing_ok=True)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    paths.recipe.write_text(recipe_yaml(config))
-    return None
-
-
-# --- model and cached vision features -------------------------------------------------
+# --- the base model ---------------------------------------------------------------------
 
 
 def load_base_model() -> tuple[LlavaForConditionalGeneration, Any]:
@@ -342,88 +93,6 @@ def load_base_model() -> tuple[LlavaForConditionalGeneration, Any]:
     model = LlavaForConditionalGeneration.from_pretrained(cache_dir, dtype=torch.float32, attn_implementation="sdpa")
     return model, AutoProcessor.from_pretrained(cache_dir)
 
-
-def projector_inputs(adapter: ArchitectureAdapter, pixel_values: torch.Tensor) -> torch.Tensor:
-    """What the projector consumes for these images, captured at its input inside `get_image_features`."""
-    captured: list[torch.Tensor] = []
-    hook = adapter.projector.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    config = adapter.model.config
-    try:
-        with torch.no_grad():
-            adapter.model.get_image_features(pixel_values=pixel_values,
-                                             vision_feature_layer=config.vision_feature_layer,
-                                             vision_feature_select_strategy=config.vision_feature_select_strategy)
-    finally:
-        hook.remove()
-    return captured[0]
-
-
-def vision_fingerprint(adapter: ArchitectureAdapter) -> str:
-    """Identifies the frozen vision tower and feature selection, so a cache from another model is not reused."""
-    digest = hashlib.sha256()
-    config = adapter.model.config
-    digest.update(f"{config.vision_feature_layer}/{config.vision_feature_select_strategy}".encode())
-    for name, tensor in adapter.vision_tower.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-@dataclass
-class SceneText:
-    """What a cached scene is trained on; its pixels live on only as cached features."""
-
-    seed: int
-    caption: str
-    qa: list[QAPair]
-
-
-def feature_metadata(config: RecipeConfig, fingerprint: str) -> dict[str, str]:
-    return {"split": TRAIN_SPLIT, "first_seed": str(scene_seed(TRAIN_SPLIT, 0)), "scenes": str(config.train_scenes),
-            "vision": fingerprint}
-
-
-def read_cached_features(paths: RunPaths, metadata: dict[str, str]) -> tuple[list[SceneText], torch.Tensor] | None:
-    if not (paths.features.is_file() and paths.scenes.is_file()):
-        return None
-    with safe_open(paths.features, framework="pt") as cache:
-        if cache.metadata() != metadata:
-            return None
-        features = cache.get_tensor("features")
-    scenes = [SceneText(record["seed"], record["caption"], [QAPair(**pair) for pair in record["qa"]])
-              for record in map(json.loads, paths.scenes.read_text().splitlines())]
-    return scenes, features
-
-
-def extract_features(adapter: ArchitectureAdapter, processor: Any, config: RecipeConfig, paths: RunPaths,
-                     metadata: dict[str, str], device: torch.device) -> None:
-    """Render the run's scenes, run the vision tower once over them and cache its output (float16) with the texts."""
-    scenes = iter_split(TRAIN_SPLIT, config.train_scenes)
-    chunks: list[torch.Tensor] = []
-    texts: list[str] = []
-    with tqdm(total=config.train_scenes, desc="vision features", unit="scene") as progress:
-        while len(texts) < config.train_scenes:
-            batch = [next(scenes) for _ in range(min(config.feature_batch_size, config.train_scenes - len(texts)))]
-            pixel_values = processor.image_processor([scene.image for scene in batch], return_tensors="pt")
-            chunks.append(projector_inputs(adapter, pixel_values["pixel_values"].to(device)).half().cpu())
-            texts += [json.dumps({"seed": scene.seed, "caption": scene.caption,
-                                  "qa": [asdict(pair) for pair in scene.qa]}) for scene in batch]
-            progress.update(len(batch))
-    paths.scenes.write_text("\n".join(texts) + "\n")
-    save_file({"features": torch.cat(chunks)}, paths.features, metadata=metadata)
-
-
-def prepare_features(adapter: ArchitectureAdapter, processor: Any, config: RecipeConfig, paths: RunPaths,
-                     device: torch.device) -> tuple[list[SceneText], torch.Tensor, float]:
-    """Cached scene texts and features (computed first if the cache is missing or stale), and seconds spent."""
-    started = time.perf_counter()
-    metadata = feature_metadata(config, vision_fingerprint(adapter))
-    cached = read_cached_features(paths, metadata)
-    if cached is None:
-        extract_features(adapter, processor, config, paths, metadata, device)
-        cached = read_cached_features(paths, metadata)  # train on what the cache holds, resumed or not
-    scenes, features = cached
-    return scenes, features, time.perf_counter() - started
 
 
 # --- the step plan ---------------------------------------------------------------------
@@ -685,10 +354,6 @@ def save_outputs(paths: RunPaths, adapter: ArchitectureAdapter, peft_model: peft
 # --- the run -------------------------------------------------------------------------
 
 
-def training_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -714,7 +379,7 @@ def train_default_model(config: RecipeConfig, run_dir: Path = DEFAULT_RUN_DIR, r
         return TrainingResult(paths.root, json.loads(paths.metrics.read_text()))
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     seed_everything(config.seed)
-    device = training_device()
+    device = torch.device(default_device())
     model, processor = base_model_loader()
     model.to(device).eval()
     adapter = adapter_for(model)

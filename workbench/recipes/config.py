@@ -1,0 +1,104 @@
+"""The default model's training recipe as a validated config: one pydantic model, loaded from YAML.
+
+Unknown keys and bad values are refused with a one-line `RecipeError` naming the first problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from workbench.errors import WorkbenchError
+
+DEFAULT_RECIPE = Path(__file__).with_name("default_model.yaml")
+StageName = Literal["stage1", "stage2"]
+
+
+class RecipeError(WorkbenchError):
+    """A recipe or run folder that cannot be used as it is."""
+
+
+
+class StageConfig(BaseModel):
+    """One stage's optimisation: AdamW, linear warmup, then cosine decay to a fraction of the peak."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(gt=0)
+    conversations_per_step: int = Field(gt=0)
+    micro_batch_size: int = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    warmup_steps: int = Field(ge=0)
+    final_learning_rate_ratio: float = Field(ge=0, le=1)
+    weight_decay: float = Field(ge=0)
+    max_grad_norm: float = Field(gt=0)
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1)  # module names inside the LLM's decoder layers
+
+
+class QAStageConfig(StageConfig):
+    max_turns: int = Field(gt=0)
+    single_question_fraction: float = Field(ge=0, le=1)
+    lora: LoraSettings
+
+
+class RecipeConfig(BaseModel):
+    """Everything that determines a run; a run folder keeps the one it was started with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int
+    train_scenes: int = Field(gt=0)
+    precision: Literal["bf16", "fp32"]
+    threads: PositiveInt | None  # None: one per CPU core
+    feature_batch_size: int = Field(gt=0)
+    checkpoint_every: int = Field(gt=0)
+    stage1: StageConfig
+    stage2: QAStageConfig
+
+    def stage(self, name: StageName) -> StageConfig:
+        return getattr(self, name)
+
+
+def parse_recipe(data: Any, source: str) -> RecipeConfig:
+    """Validate a recipe mapping; the first problem becomes a one-line `RecipeError`."""
+    try:
+        return RecipeConfig.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "top level"
+        more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
+        raise RecipeError(f"recipe {source}: {where}: {first['msg']}{more}") from None
+
+
+def load_recipe(path: Path = DEFAULT_RECIPE) -> RecipeConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as error:
+        raise RecipeError(f"cannot read recipe {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    return parse_recipe(data, str(path))
+
+
+def smoke_recipe(config: RecipeConfig) -> RecipeConfig:
+    """The same recipe cut to 4 steps per stage on 8 scenes: checks the wiring and times real steps."""
+    short = {"steps": 4, "warmup_steps": 1}
+    return config.model_copy(update={
+        "train_scenes": 8, "checkpoint_every": 2,
+        "stage1": config.stage1.model_copy(update=short), "stage2": config.stage2.model_copy(update=short),
+    })
+
+
+def recipe_yaml(config: RecipeConfig) -> str:
+    return yaml.safe_dump(config.model_dump(), sort_keys=False)
