@@ -35,6 +35,7 @@ class CaptureSpec:
     """What to keep from a forward pass. Layer lists are 0-indexed; "all" means every layer."""
 
     vision_layers: Sequence[int] | Literal["all"] = ()
+    projector_input: bool = False
     projector: bool = False
     embeddings: bool = False
     llm_layers: Sequence[int] | Literal["all"] = ()
@@ -60,6 +61,7 @@ class Capture:
     layouts: list[ImageLayout]  # one per image, in input order
     tokens: TokenSelection
     vision: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> block output as the tower emits it
+    projector_input: torch.Tensor | None = None  # [num_visual_tokens, d_in]: the features each token is made from
     projector: torch.Tensor | None = None  # [num_visual_tokens, d_llm], in visual_mask order
     embeddings: torch.Tensor | None = None  # [batch, seq, d] or [num_visual_tokens, d]
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> like `embeddings`
@@ -138,6 +140,9 @@ def capture(loaded: LoadedModel, inputs: Mapping[str, torch.Tensor], spec: Captu
             vision_envoys = resolve(envoy, adapter.vision_layers_path)
             for layer in vision_layers:
                 result.vision[layer] = nnsight.save(_first(vision_envoys[layer].output).detach().cpu())
+            if spec.projector_input:
+                features = resolve(envoy, adapter.projector_path).input
+                result.projector_input = nnsight.save(adapter.flatten_projector_input(features).detach().cpu())
             if spec.projector:
                 projected = resolve(envoy, adapter.projector_path).output
                 result.projector = nnsight.save(adapter.flatten_projector_output(projected).detach().cpu())

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from PIL import Image
+from transformers import BatchFeature
 
 from workbench.data.probe_scenes import (
     QUESTION_TYPES,
@@ -39,6 +40,7 @@ from workbench.data.probe_scenes import (
     scene_seed,
 )
 from workbench.errors import InputError
+from workbench.interventions import Intervention, intervene
 from workbench.models.inputs import build_inputs
 from workbench.models.loading import LoadedModel
 
@@ -49,6 +51,12 @@ NUMBER_WORDS = {word: str(value) for value, word in enumerate(
 
 Question = tuple[ProbeScene, QAPair]
 Progress = Callable[[int, int], None]  # (questions answered, total), over both model runs
+InterventionFor = Callable[[BatchFeature, Sequence[str]], Intervention]  # (batch, image ids) -> what to change
+
+
+def scene_id(scene: ProbeScene) -> str:
+    """The id `workbench.data.image_sets` gives the same scene, e.g. "probe:test:3"."""
+    return f"probe:{scene.split}:{scene.seed - scene_seed(scene.split, 0)}"
 
 
 # --- answer matching ------------------------------------------------------------
@@ -124,10 +132,17 @@ def train_majority_answers(num_scenes: int = MAJORITY_TRAIN_SCENES) -> dict[str,
 # --- generation -------------------------------------------------------------------
 
 def generate_answers(loaded: LoadedModel, images: Sequence[Image.Image], prompts: Sequence[str],
-                     max_new_tokens: int) -> list[str]:
-    """Greedy answers for one left-padded batch; each row stops at its end-of-sequence token."""
+                     max_new_tokens: int, intervention: InterventionFor | None = None,
+                     image_ids: Sequence[str] = ()) -> list[str]:
+    """Greedy answers for one left-padded batch; each row stops at its end-of-sequence token.
+
+    With `intervention`, the answers are generated under the `Intervention` it returns for this
+    batch (given the batch and the ids of its images)."""
     inputs = build_inputs(loaded.processor, images, prompts, device=loaded.device)
-    return loaded.generate_text(inputs, max_new_tokens)
+    if intervention is None:
+        return loaded.generate_text(inputs, max_new_tokens)
+    with intervene(loaded, inputs, intervention(inputs, image_ids)):
+        return loaded.generate_text(inputs, max_new_tokens)
 
 
 @contextmanager
@@ -141,13 +156,14 @@ def projector_zeroed(loaded: LoadedModel) -> Iterator[None]:
 
 
 def answer_questions(loaded: LoadedModel, questions: Sequence[Question], batch_size: int, max_new_tokens: int,
-                     on_batch: Callable[[int], None] = lambda answered: None) -> list[str]:
+                     on_batch: Callable[[int], None] = lambda answered: None,
+                     intervention: InterventionFor | None = None) -> list[str]:
     """The model's answer to each question, in order, `batch_size` questions per generate call."""
     answers: list[str] = []
     for start in range(0, len(questions), batch_size):
         batch = questions[start:start + batch_size]
         answers += generate_answers(loaded, [scene.image for scene, _ in batch], [pair.question for _, pair in batch],
-                                    max_new_tokens)
+                                    max_new_tokens, intervention, [scene_id(scene) for scene, _ in batch])
         on_batch(len(batch))
     return answers
 

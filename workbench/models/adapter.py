@@ -169,6 +169,10 @@ class ArchitectureAdapter(ABC):
             raise ValueError("visual tokens in input_ids do not match the images' patch grids")
         return layouts
 
+    def flatten_projector_input(self, features: torch.Tensor) -> torch.Tensor:
+        """Projector input as [num_visual_tokens, d_in]: the vision features each LLM token is made from."""
+        return features.reshape(-1, features.shape[-1])
+
     def flatten_projector_output(self, output: torch.Tensor) -> torch.Tensor:
         """Projector output as [num_visual_tokens, d], in the order the tokens are scattered."""
         return output.reshape(-1, output.shape[-1])

@@ -28,3 +28,8 @@ class Qwen2VLAdapter(ArchitectureAdapter):
     def image_grids(self, inputs: Mapping[str, torch.Tensor]) -> list[tuple[int, int]]:
         merge = self.model.config.vision_config.spatial_merge_size
         return [(int(h) // merge, int(w) // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
+
+    def flatten_projector_input(self, features: torch.Tensor) -> torch.Tensor:
+        # The merger fuses each run of merge x merge consecutive patch features into one token.
+        merge = self.model.config.vision_config.spatial_merge_size
+        return features.reshape(-1, features.shape[-1] * merge * merge)

@@ -1,0 +1,159 @@
+"""`wb analyze ...`: the batch analyses as commands. Each writes a run folder (see workbench.store)
+and prints its headline numbers; the same command resumes an interrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.table import Table
+
+from workbench.console import MODEL_OPTION, console, load_with_notes
+from workbench.errors import InputError
+
+analyze_app = typer.Typer(help="Batch analyses over image sets, written to resumable run folders.",
+                          no_args_is_help=True)
+
+IMAGES_OPTION = typer.Option(..., "--images", help="probe:N (validation scenes), probe:SPLIT:N, samples, or a folder.")
+OUT_OPTION = typer.Option(..., "--out", help="Run folder; the same command resumes it.")
+BATCH_OPTION = typer.Option(8, "--batch-size", min=1)
+TOKENS_RUN_OPTION = typer.Option(None, "--tokens-run", help="A finished tokens run whose categories to use "
+                                                            "(default: run one now in OUT/tokens).")
+JSON_OPTION = typer.Option(False, "--json", help="Print the summary as JSON.")
+
+
+def _layers(text: str | None) -> tuple[int, ...] | None:
+    """"2,4,8" or "10-15" (inclusive) or a mix; None stays None (the analysis picks)."""
+    if text is None:
+        return None
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            layers += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise InputError(f"bad layer list {text!r}: write e.g. 2,4,8 or 10-15") from None
+    return tuple(layers)
+
+
+def _print(summary: dict, as_json: bool, table: Table | None = None) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+    elif table is not None:
+        console.print(table)
+    if summary.get("skipped_images") and not as_json:
+        console.print(f"[yellow]skipped {len(summary['skipped_images'])} unreadable images[/] (listed in the manifest)")
+
+
+def _images(source: str):
+    from workbench.data.image_sets import resolve_image_set
+
+    return resolve_image_set(source)
+
+
+@analyze_app.command("tokens")
+def tokens(
+    model: str = MODEL_OPTION, images: str = IMAGES_OPTION, out: str = OUT_OPTION,
+    rule: str = typer.Option("auto", help="auto (discover anchors) or embedlens (given anchors)."),
+    anchors: str | None = typer.Option(None, help="For --rule embedlens: SINK_VIT,SINK_LLM,DEAD vocabulary ids."),
+    topk: int = typer.Option(3, min=1, help="Nearest vocabulary ids per token."),
+    batch_size: int = BATCH_OPTION, as_json: bool = JSON_OPTION,
+) -> None:
+    """Sink / dead / alive for every visual token, with the evidence and the rule that fired."""
+    from analyses.tokens import TokensConfig, analyze_tokens
+
+    if rule not in ("auto", "embedlens"):
+        raise InputError(f"unknown --rule {rule!r}; choose auto or embedlens")
+    anchor_ids = _layers(anchors)
+    if anchor_ids is not None and len(anchor_ids) != 3:
+        raise InputError(f"--anchors needs exactly three ids SINK_VIT,SINK_LLM,DEAD (got {anchors!r})")
+    config = TokensConfig(rule=rule, anchors=anchor_ids, topk=topk, batch_size=batch_size)
+    image_set = _images(images)
+    summary = analyze_tokens(load_with_notes(model), image_set, out, config)
+    table = Table("category", "fraction", title=f"{summary['num_tokens']} visual tokens of {summary['num_images']} "
+                                                f"images -> {out}")
+    for category, fraction in summary["fractions"].items():
+        table.add_row(category, f"{fraction:.1%}")
+    for anchor in summary["rule"]["anchors"]:
+        table.add_row(f"anchor {anchor['id']} {anchor['token']!r}", f"{anchor['role']}, near {anchor['share']:.0%}")
+    _print(summary, as_json, table)
+
+
+@analyze_app.command("probe")
+def probe(
+    model: str = MODEL_OPTION, images: str = IMAGES_OPTION, out: str = OUT_OPTION,
+    layers: str | None = typer.Option(None, help="LLM layers to probe after, e.g. 0,7,15 (default: 5 spread)."),
+    questions: int = typer.Option(60, min=0, help="VQA questions for the compression test (0: skip it)."),
+    tokens_run: str | None = TOKENS_RUN_OPTION, batch_size: int = BATCH_OPTION, as_json: bool = JSON_OPTION,
+) -> None:
+    """Patch-compression benchmark: linear probes per category and layer; VQA with only alive tokens."""
+    from analyses.probe import ProbeConfig, analyze_probe
+
+    config = ProbeConfig(batch_size=batch_size, layers=_layers(layers), vqa_questions=questions)
+    summary = analyze_probe(load_with_notes(model), _images(images), out, config, tokens_run)
+    table = None
+    if summary["vqa"]:
+        table = Table("condition", "VQA accuracy", title=f"{summary['vqa']['questions']} questions; alive fraction "
+                                                         f"{summary['vqa']['alive_fraction']:.1%}")
+        for name, accuracy in summary["vqa"]["accuracy"].items():
+            table.add_row(name, f"{accuracy['overall']:.1%}")
+    _print(summary, as_json, table)
+    if not as_json:
+        console.print(f"probe accuracies per layer, category and target: {out}/probes.parquet")
+
+
+@analyze_app.command("alignment")
+def alignment(
+    model: str = MODEL_OPTION, images: str = IMAGES_OPTION, out: str = OUT_OPTION,
+    tokens_run: str | None = TOKENS_RUN_OPTION, batch_size: int = BATCH_OPTION, as_json: bool = JSON_OPTION,
+) -> None:
+    """Which LLM layer alive visual tokens already resemble: the recommended injection layer."""
+    from analyses.alignment import AlignmentConfig, analyze_alignment
+
+    summary = analyze_alignment(load_with_notes(model), _images(images), out, AlignmentConfig(batch_size=batch_size),
+                                tokens_run)
+    table = Table("measure", "value", title=f"layer alignment -> {out}")
+    table.add_row("recommended injection layer", str(summary["recommended_injection_layer"]))
+    table.add_row("separability there / at layer 0",
+                  f"{summary['separability_at_recommended']:.2f} / {summary['separability_at_0']:.2f}")
+    _print(summary, as_json, table)
+
+
+@analyze_app.command("similarity")
+def similarity(
+    model: str = MODEL_OPTION, images: str = IMAGES_OPTION, out: str = OUT_OPTION,
+    batch_size: int = BATCH_OPTION, as_json: bool = JSON_OPTION,
+) -> None:
+    """Inter-layer similarity and the image's effect on text: injection, exit and pruning stages."""
+    from analyses.similarity import SimilarityConfig, analyze_similarity
+
+    summary = analyze_similarity(load_with_notes(model), _images(images), out, SimilarityConfig(batch_size=batch_size))
+    recommendation = summary["recommendation"]
+    table = Table("recommendation", "layer", title=f"inter-layer similarity -> {out}")
+    table.add_row("inject visual tokens at", str(recommendation["injection_layer"]))
+    table.add_row("drop them all at (exit)", str(recommendation["exit_layer"]))
+    for stage in recommendation["stages"]:
+        table.add_row(f"keep {stage['keep_fraction']:.0%} from", str(stage["start_layer"]))
+    _print(summary, as_json, table)
+
+
+@analyze_app.command("interventions")
+def interventions(
+    model: str = MODEL_OPTION, images: str = IMAGES_OPTION, out: str = OUT_OPTION,
+    questions: int = typer.Option(60, min=1, help="Validation questions per condition."),
+    skip_layers: str | None = typer.Option(None, help="Layers whose visual attention / MLP update is skipped."),
+    exit_layers: str | None = typer.Option(None, help="Exit layers to try, e.g. 15,22."),
+    inject_layers: str | None = typer.Option(None, help="Injection layers to try, e.g. 3,7."),
+    tokens_run: str | None = TOKENS_RUN_OPTION, batch_size: int = BATCH_OPTION, as_json: bool = JSON_OPTION,
+) -> None:
+    """VQA accuracy when categories are removed, sublayers skipped, attention cut, or tokens enter late."""
+    from analyses.interventions import InterventionsConfig, analyze_interventions
+
+    config = InterventionsConfig(questions=questions, batch_size=batch_size, skip_layers=_layers(skip_layers),
+                                 exit_layers=_layers(exit_layers), inject_layers=_layers(inject_layers))
+    summary = analyze_interventions(load_with_notes(model), _images(images), out, config, tokens_run)
+    table = Table("condition", "VQA accuracy", title=f"{summary['questions']} {summary['split']} questions -> {out}")
+    for name, accuracy in summary["accuracy"].items():
+        table.add_row(name, f"{accuracy:.1%}")
+    _print(summary, as_json, table)

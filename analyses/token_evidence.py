@@ -1,0 +1,120 @@
+"""Per-visual-token evidence from one traced forward: what the token categories are decided on.
+
+For every visual token of a batch of images (one prompt per image), `token_evidence` measures:
+- `topk_ids` / `topk_cos`: its nearest vocabulary embeddings (cosine) as the LLM receives it;
+- `input_norm`: its norm at the LLM input (projector output);
+- `vision_norm`: the norm of the vision features it is made from (projector input);
+- `llm_norm`: its largest norm over the LLM's early layers (where massive activations appear);
+- `attention_received`: mean attention it draws from the text after the image, over heads and
+  a few layers;
+- for probe scenes, the ground truth of its patch (kind, shape, colour, character).
+It also returns, per nearest vocabulary id, the sum of the unit vectors of the tokens for which
+that id is the top-1 neighbour: enough to measure across a whole image set how alike those
+tokens are (cross-image consistency) without keeping every token's vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from workbench.data.image_sets import ImageItem
+from workbench.data.probe_scenes import patch_labels
+from workbench.inspection import nearest_vocabulary
+from workbench.models.inputs import build_inputs
+from workbench.models.loading import LoadedModel
+from workbench.tracing import Capture, CaptureSpec, capture
+
+ANALYSIS_PROMPT = "Describe the image."
+
+
+@dataclass(frozen=True)
+class EvidenceLayers:
+    """Which LLM layers the norm and attention evidence is read from (0-indexed)."""
+
+    norm_layers: list[int]
+    attention_layers: list[int]
+
+    @classmethod
+    def for_depth(cls, num_layers: int) -> EvidenceLayers:
+        # Massive activations form within the first few layers; attention sinks are clearest
+        # once they have formed, so attention is read a little deeper.
+        early = max(1, num_layers // 4)
+        return cls(list(range(early)), sorted({min(early, num_layers - 1), num_layers // 2}))
+
+
+def _attention_received(traced: Capture) -> torch.Tensor:
+    """[num_visual_tokens]: mean attention from each row's post-image text to its visual tokens."""
+    received = []
+    for sample in range(traced.input_ids.shape[0]):
+        visual = traced.visual_mask[sample]
+        positions = visual.nonzero().flatten()
+        after_image = torch.zeros_like(visual)
+        after_image[positions.max() + 1:] = True
+        queries = after_image & traced.attention_mask[sample].bool()
+        per_layer = [traced.attentions[layer][sample].float().mean(0)[queries][:, visual].mean(0)
+                     for layer in sorted(traced.attentions)]
+        received.append(torch.stack(per_layer).mean(0))
+    return torch.cat(received)
+
+
+def _ground_truth(item: ImageItem, rows: int, cols: int) -> list[dict]:
+    if item.scene is None:
+        return [{} for _ in range(rows * cols)]
+    return [{"patch_kind": label.kind, "patch_shape": label.shape, "patch_colour": label.colour,
+             "patch_char": label.char, "patch_coverage": label.coverage}
+            for label in patch_labels(item.scene(), rows, cols)]
+
+
+def evidence_spec(layers: EvidenceLayers) -> CaptureSpec:
+    return CaptureSpec(projector_input=True, embeddings=True, llm_layers=layers.norm_layers, tokens="visual",
+                       attention_layers=layers.attention_layers)
+
+
+def token_evidence(loaded: LoadedModel, items: Sequence[ImageItem], images: Sequence[Image.Image], topk: int,
+                   layers: EvidenceLayers, prompt: str = ANALYSIS_PROMPT
+                   ) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+    """One row per visual token of `images` (see the module docstring) and the top-1 group sums."""
+    inputs = build_inputs(loaded.processor, images, [prompt] * len(images), device=loaded.device)
+    return evidence_from_capture(loaded, capture(loaded, inputs, evidence_spec(layers)), items, topk, layers)
+
+
+def evidence_from_capture(loaded: LoadedModel, traced: Capture, items: Sequence[ImageItem], topk: int,
+                          layers: EvidenceLayers) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+    """`token_evidence` from a capture that holds at least what `evidence_spec(layers)` asks for."""
+    vectors = traced.visual("embeddings")
+    embedding_matrix = loaded.adapter.embed_tokens.weight
+    with torch.no_grad():
+        cos, ids = nearest_vocabulary(vectors.to(embedding_matrix.device), embedding_matrix, topk)
+    cos, ids = cos.cpu(), ids.cpu()
+    llm_norm = torch.stack([vectors.float().norm(dim=-1)]
+                           + [traced.visual(layer).float().norm(dim=-1) for layer in layers.norm_layers]).amax(0)
+    columns = {
+        "input_norm": vectors.float().norm(dim=-1),
+        "vision_norm": traced.projector_input.float().norm(dim=-1),
+        "llm_norm": llm_norm,
+        "attention_received": _attention_received(traced),
+    }
+    tokenizer = loaded.processor.tokenizer
+    rows, start = [], 0
+    for item, layout in zip(items, traced.layouts):
+        truths = _ground_truth(item, layout.rows, layout.cols)
+        for token in range(layout.num_tokens):
+            flat = start + token
+            row = {"image_id": item.id, "token": token, "row": token // layout.cols, "col": token % layout.cols}
+            row |= {name: float(values[flat]) for name, values in columns.items()}
+            row["topk_ids"] = ids[flat].tolist()
+            row["topk_tokens"] = [tokenizer.decode([token_id]) for token_id in ids[flat].tolist()]
+            row["topk_cos"] = [round(float(value), 5) for value in cos[flat]]
+            rows.append(row | truths[token])
+        start += layout.num_tokens
+    top1 = ids[:, 0]
+    group_ids, group_index = top1.unique(return_inverse=True)
+    sums = torch.zeros(len(group_ids), vectors.shape[-1]).index_add_(0, group_index, F.normalize(vectors.float(), dim=-1))
+    counts = torch.bincount(group_index, minlength=len(group_ids))
+    return pd.DataFrame(rows), {"group_ids": group_ids, "group_sums": sums, "group_counts": counts}

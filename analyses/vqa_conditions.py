@@ -1,0 +1,75 @@
+"""Probe-scene VQA accuracy under interventions that depend on each image's token categories.
+
+`TokenCategories` categorises the visual tokens of the questions' images once (with a tokens
+run's rule); `removal` builds the intervention that hides a set of categories, or, as the
+matched control, the same number of randomly chosen visual tokens of each image; `accuracy_under`
+scores the answers under any per-batch intervention.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Collection, Sequence
+
+import numpy as np
+import torch
+from transformers import BatchFeature
+
+from analyses.token_evidence import EvidenceLayers, token_evidence
+from analyses.tokens import TokenRule
+from workbench.data.image_sets import ImageItem
+from workbench.evaluation.vqa import InterventionFor, Question, answer_questions, is_correct, scene_id
+from workbench.interventions import Intervention
+from workbench.models.loading import LoadedModel
+
+
+class TokenCategories:
+    """Category of every visual token (row-major) of each question image, by image id."""
+
+    def __init__(self, loaded: LoadedModel, rule: TokenRule, questions: Sequence[Question], batch_size: int):
+        scenes = {scene_id(scene): scene for scene, _ in questions}
+        layers = EvidenceLayers.for_depth(loaded.adapter.num_llm_layers)
+        self.by_image: dict[str, np.ndarray] = {}
+        ids = list(scenes)
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start:start + batch_size]
+            items = [ImageItem(image_id, lambda s=scenes[image_id]: s.image, lambda s=scenes[image_id]: s)
+                     for image_id in batch]
+            evidence, _ = token_evidence(loaded, items, [scenes[i].image for i in batch], rule.topk, layers)
+            categories = rule.classify(evidence)["category"].to_numpy()
+            for image_id in batch:
+                self.by_image[image_id] = categories[(evidence["image_id"] == image_id).to_numpy()]
+
+    def fraction(self, category: str) -> float:
+        return float(np.mean(np.concatenate([c == category for c in self.by_image.values()])))
+
+
+def removal(loaded: LoadedModel, categories: TokenCategories, removed: Collection[str],
+            random_control: bool = False) -> InterventionFor:
+    """Hide the tokens of the `removed` categories (or as many random visual tokens per image)."""
+    def build(inputs: BatchFeature, image_ids: Sequence[str]) -> Intervention:
+        mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+        for layout, image_id in zip(loaded.adapter.image_layouts(inputs), image_ids):
+            hit = np.isin(categories.by_image[image_id], list(removed))
+            if random_control:
+                chosen = np.random.default_rng(zlib.crc32(image_id.encode())).permutation(len(hit))[:int(hit.sum())]
+                hit = np.zeros_like(hit)
+                hit[chosen] = True
+            mask[layout.sample, layout.positions[torch.from_numpy(hit)]] = True
+        return Intervention(removed=mask)
+    return build
+
+
+def fixed(intervention: Intervention) -> InterventionFor:
+    return lambda inputs, image_ids: intervention
+
+
+def accuracy_under(loaded: LoadedModel, questions: Sequence[Question], intervention: InterventionFor | None,
+                   batch_size: int, max_new_tokens: int = 8) -> dict[str, float]:
+    """Exact-match accuracy per question type and overall under `intervention` (None: unchanged)."""
+    answers = answer_questions(loaded, questions, batch_size, max_new_tokens, intervention=intervention)
+    correct = [is_correct(answer, pair.answer) for answer, (_, pair) in zip(answers, questions)]
+    result = {"overall": float(np.mean(correct))}
+    for kind in dict.fromkeys(pair.type for _, pair in questions):
+        result[kind] = float(np.mean([ok for ok, (_, pair) in zip(correct, questions) if pair.type == kind]))
+    return result

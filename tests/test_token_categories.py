@@ -1,0 +1,99 @@
+"""Token categories: the reference rule on a hand-computed case, and the auto rule finding planted
+dead and sink tokens in the default model; resumed runs give the same table."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from analyses.tokens import Anchor, TokenRule, TokensConfig, analyze_tokens
+from workbench.data.image_sets import resolve_image_set
+from workbench.errors import InputError
+from workbench.inspection import nearest_vocabulary
+
+DEAD_TOKENS = list(range(32))  # the top two rows of the 16 x 16 grid
+SINK_TOKEN = 137
+
+
+def test_reference_rule_on_a_hand_computed_top_k():
+    basis = torch.eye(6)
+    vectors = torch.stack([3 * basis[1] + 2 * basis[3] + basis[0],  # top-3: 1, 3, 0
+                           3 * basis[4] + 2 * basis[2] + basis[5],  # top-3: 4, 2, 5
+                           3 * basis[5] + 2 * basis[0] + basis[2]])  # top-3: 5, 0, 2
+    _, ids = nearest_vocabulary(vectors, basis, 3)
+    assert ids.tolist() == [[1, 3, 0], [4, 2, 5], [5, 0, 2]]
+    anchors = [Anchor(0, "a", "sink_vit", 0, 0, 0), Anchor(2, "b", "sink_llm", 0, 0, 0), Anchor(3, "c", "dead", 0, 0, 0)]
+    evidence = pd.DataFrame({"topk_ids": ids.tolist()})
+    decided = TokenRule("embedlens", 3, anchors).classify(evidence)
+    # Token 0 has both the ViT-sink anchor (0) and the dead anchor (3): sink wins, as in the reference order.
+    assert decided["category"].tolist() == ["sink", "sink", "sink"]
+    assert decided["sink_source"].tolist() == ["vit", "llm", "vit"]
+    top2 = TokenRule("embedlens", 2, anchors).classify(evidence)
+    assert top2["category"].tolist() == ["dead", "sink", "sink"] and top2["sink_source"].tolist() == ["", "llm", "vit"]
+    top1 = TokenRule("embedlens", 1, anchors).classify(evidence)
+    assert top1["category"].tolist() == ["alive", "alive", "alive"]
+
+
+@pytest.fixture
+def planted(default_model):
+    """The default model with its projector replaced: rows 0-1 map to one vocabulary embedding
+    (dead), one token to a huge vector (sink), the rest to image-specific vocabulary embeddings."""
+    embeddings = default_model.adapter.embed_tokens.weight.detach()
+    dead_id = 1000
+    sink_vector = torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(0))
+    sink_vector *= 500 * embeddings.norm(dim=-1).mean() / sink_vector.norm()
+
+    def hook(module, args, output):
+        features = args[0]
+        # An id that depends on the image content at each patch: alive tokens differ across images.
+        ids = (features.abs().sum(-1) * 1e3).long() % (embeddings.shape[0] - 2000) + 2000
+        planted = embeddings[ids].clone()
+        planted[:, DEAD_TOKENS] = embeddings[dead_id]
+        planted[:, SINK_TOKEN] = sink_vector
+        return planted.to(output.dtype)
+
+    handle = default_model.adapter.projector.register_forward_hook(hook)
+    yield default_model, dead_id
+    handle.remove()
+
+
+def test_auto_rule_finds_the_planted_dead_and_sink_tokens(planted, tmp_path):
+    loaded, dead_id = planted
+    summary = analyze_tokens(loaded, resolve_image_set("probe:test:3"), str(tmp_path / "run"),
+                             TokensConfig(batch_size=3))
+    table = pd.read_parquet(tmp_path / "run" / "tokens.parquet")
+    anchors = {anchor["id"]: anchor for anchor in summary["rule"]["anchors"]}
+    assert dead_id in anchors and anchors[dead_id]["role"] == "dead"
+    assert anchors[dead_id]["coverage"] == 1.0 and anchors[dead_id]["consistency"] > 0.99
+    dead = table[table["token"].isin(DEAD_TOKENS)]
+    assert (dead["category"] == "dead").all()
+    assert "anchor" in dead["reason"].iat[0]
+    sinks = table[table["token"] == SINK_TOKEN]
+    assert (sinks["category"] == "sink").all() and (sinks["sink_source"] == "llm").all()
+    others = table[~table["token"].isin([*DEAD_TOKENS, SINK_TOKEN])]
+    assert (others["category"] == "alive").mean() > 0.9
+    # Ground truth travels with each token for probe scenes.
+    assert set(table["patch_kind"]) <= {"object", "text", "background"}
+
+
+def test_resuming_a_tokens_run_gives_the_same_table(default_model, tmp_path):
+    images = resolve_image_set("probe:test:3")
+    config = TokensConfig(batch_size=1)
+    analyze_tokens(default_model, images, str(tmp_path / "run"), config)
+    first = pd.read_parquet(tmp_path / "run" / "tokens.parquet")
+    # Pretend the run died after its first batch.
+    for path in [*(tmp_path / "run" / "parts").glob("evidence-0000[12]*"), tmp_path / "run" / "tokens.parquet"]:
+        path.unlink()
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest | {"status": "running"}))
+    analyze_tokens(default_model, images, str(tmp_path / "run"), config)
+    second = pd.read_parquet(tmp_path / "run" / "tokens.parquet")
+    pd.testing.assert_frame_equal(first, second)
+    shutil.rmtree(tmp_path / "run")
+
+
+def test_the_reference_rule_needs_its_anchors():
+    with pytest.raises(InputError, match="--anchors"):
+        TokensConfig(rule="embedlens")

@@ -1,0 +1,26 @@
+"""What every `wb` command shares: the two consoles, the --model option and loading with notes.
+
+Results go to stdout (`console`); notes, spinners and progress go to stderr (`status_console`),
+so that `--json` output on stdout stays parseable.
+"""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+console = Console()
+status_console = Console(stderr=True)
+
+MODEL_OPTION = typer.Option("default", "--model", "-m", help="'default', a local folder or a Hugging Face id.")
+
+
+def load_with_notes(name: str):
+    """`load_model(name)` behind a spinner, printing the model's notes (e.g. untrained weights)."""
+    from workbench.models.loading import load_model
+
+    with status_console.status(f"loading model {name} ..."):
+        loaded = load_model(name)
+    for note in loaded.notes:
+        status_console.print(f"[yellow]note:[/] {note}")
+    return loaded

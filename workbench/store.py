@@ -1,0 +1,212 @@
+"""The run store: one analysis run is one folder that can be read back, resumed and compared.
+
+Layout of a run folder:
+
+    manifest.json        what ran: kind, model, data source, config, package versions, times,
+                         status ("running" / "complete"), skipped images, schema version
+    parts/               per-batch results of a run in progress (Parquet / safetensors)
+    <name>.parquet       final tables
+    <name>.safetensors   final tensors
+    <name>.json          summaries
+
+Every file is written to a temporary name in the same folder and renamed into place, so a run
+killed at any moment leaves either the old file or the new one, never half of one. A run
+started again with the same command finds its finished batches in `parts/` and skips them;
+because batches are fixed by the config, the result equals that of an uninterrupted run. A
+folder written for another model, data source, config or schema version is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from workbench.errors import InputError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PARTS = "parts"
+VERSIONED_PACKAGES = ("torch", "transformers", "nnsight", "multimodal-workbench")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call `write(temporary_path)`, then move the file into place in one rename."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value: Any) -> None:
+    _atomic_write(path, lambda target: target.write_text(json.dumps(value, indent=2, default=str) + "\n"))
+
+
+class RunStore:
+    """A run folder. Open it with `RunStore.open`; write results with the `write_*` methods."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]):
+        self.folder = folder
+        self.manifest = manifest
+
+    # --- opening ------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, folder: str | Path, *, kind: str, model: str, data: str, config: Mapping[str, Any]) -> RunStore:
+        """Start a run in `folder`, or resume the one there if it was started by the same command."""
+        folder = Path(folder)
+        identity = {"kind": kind, "model": model, "data": data, "config": dict(config)}
+        path = folder / MANIFEST
+        if path.exists():
+            manifest = cls._read_manifest(path)
+            cls._check_same_run(folder, manifest, identity)
+            store = cls(folder, manifest)
+            store.manifest["resumed"] = store.manifest.get("resumed", 0) + (store.status != "complete")
+            return store
+        if folder.exists() and any(folder.iterdir()):
+            raise InputError(f"{folder} is not empty and has no {MANIFEST}; choose a new folder for the run")
+        (folder / PARTS).mkdir(parents=True, exist_ok=True)
+        manifest = identity | {
+            "schema_version": SCHEMA_VERSION,
+            "status": "running",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": package_versions(),
+            "skipped_images": {},
+        }
+        store = cls(folder, manifest)
+        store.save_manifest()
+        return store
+
+    @classmethod
+    def load(cls, folder: str | Path, kind: str | None = None) -> RunStore:
+        """An existing run, for reading (e.g. by `wb export-config` or the app)."""
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.exists():
+            raise InputError(f"{folder} is not a run folder (no {MANIFEST})")
+        manifest = cls._read_manifest(path)
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise InputError(f"{folder} was written with run schema version {manifest.get('schema_version')}; "
+                             f"this workbench reads version {SCHEMA_VERSION}: run the analysis again")
+        if kind is not None and manifest.get("kind") != kind:
+            raise InputError(f"{folder} holds a {manifest.get('kind')!r} run, not a {kind!r} run")
+        return cls(folder, manifest)
+
+    @staticmethod
+    def _read_manifest(path: Path) -> dict[str, Any]:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise InputError(f"cannot read {path}: {error}") from None
+
+    @staticmethod
+    def _check_same_run(folder: Path, manifest: dict[str, Any], identity: dict[str, Any]) -> None:
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise InputError(f"{folder} holds a run of schema version {manifest.get('schema_version')}, "
+                             f"this workbench writes version {SCHEMA_VERSION}; use a new folder")
+        for key, value in identity.items():
+            if manifest.get(key) != json.loads(json.dumps(value, default=str)):
+                raise InputError(f"{folder} holds a run with another {key} ({manifest.get(key)!r}, now {value!r}); "
+                                 f"use a new folder or the same command")
+
+    # --- state ----------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        return self.manifest["status"]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest["config"]
+
+    def save_manifest(self) -> None:
+        write_json(self.folder / MANIFEST, self.manifest)
+
+    def record_skipped(self, skipped: Mapping[str, str]) -> None:
+        """Images that could not be read (image id -> reason); the run goes on without them."""
+        if skipped:
+            self.manifest["skipped_images"].update(skipped)
+            self.save_manifest()
+
+    def finish(self, **extra: Any) -> None:
+        self.manifest.update(extra, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.save_manifest()
+
+    # --- final results --------------------------------------------------------------
+
+    def write_table(self, name: str, table: pd.DataFrame) -> Path:
+        path = self.folder / f"{name}.parquet"
+        _atomic_write(path, lambda target: table.to_parquet(target, index=False))
+        return path
+
+    def read_table(self, name: str) -> pd.DataFrame:
+        path = self.folder / f"{name}.parquet"
+        if not path.exists():
+            raise InputError(f"run {self.folder} has no table {name!r}")
+        return pd.read_parquet(path)
+
+    def write_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> Path:
+        path = self.folder / f"{name}.safetensors"
+        contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+        _atomic_write(path, lambda target: save_file(contiguous, str(target)))
+        return path
+
+    def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        path = self.folder / f"{name}.safetensors"
+        if not path.exists():
+            raise InputError(f"run {self.folder} has no tensors {name!r}")
+        return load_file(str(path))
+
+    def write_json(self, name: str, value: Any) -> Path:
+        path = self.folder / f"{name}.json"
+        write_json(path, value)
+        return path
+
+    def read_json(self, name: str) -> Any:
+        path = self.folder / f"{name}.json"
+        if not path.exists():
+            raise InputError(f"run {self.folder} has no {name}.json")
+        return json.loads(path.read_text())
+
+    # --- per-batch parts (resume) ----------------------------------------------------
+
+    def _part(self, name: str, index: int, suffix: str) -> Path:
+        return self.folder / PARTS / f"{name}-{index:05d}{suffix}"
+
+    def has_part(self, name: str, index: int) -> bool:
+        return self._part(name, index, ".done").exists()
+
+    def write_part(self, name: str, index: int, table: pd.DataFrame,
+                   tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        """One finished batch: its table, optional tensors, then a marker saying both are complete."""
+        _atomic_write(self._part(name, index, ".parquet"), lambda target: table.to_parquet(target, index=False))
+        if tensors:
+            contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+            _atomic_write(self._part(name, index, ".safetensors"), lambda target: save_file(contiguous, str(target)))
+        _atomic_write(self._part(name, index, ".done"), lambda target: target.write_text(""))
+
+    def read_part(self, name: str, index: int) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+        tensors_path = self._part(name, index, ".safetensors")
+        tensors = load_file(str(tensors_path)) if tensors_path.exists() else {}
+        return pd.read_parquet(self._part(name, index, ".parquet")), tensors
