@@ -66,7 +66,7 @@ def probe_batch(loaded: LoadedModel, rule: TokenRule, items: Sequence[ImageItem]
     evidence, _ = evidence_from_capture(loaded, traced, items, rule.topk, layers)
     evidence["category"] = rule.classify(evidence)["category"]
     keep = (evidence["patch_kind"].isin(["object", "text"]) & (evidence["patch_coverage"] >= MIN_COVERAGE)).to_numpy()
-    index = torch.from_numpy(keep)
+    index = torch.tensor(keep)
     tensors = {"input": traced.embeddings[index].half()}
     tensors |= {f"layer{layer}": traced.hidden[layer][index].half() for layer in probe_layers}
     columns = ["image_id", "token", "category", "patch_kind", "patch_shape", "patch_colour", "patch_char"]
@@ -93,8 +93,8 @@ def probe_table(tokens: pd.DataFrame, tensors: dict[str, torch.Tensor], train_im
         kind, column = TARGETS[target]
         selected = (tokens["patch_kind"] == kind).to_numpy()
         if category != "all":
-            selected &= (tokens["category"] == category).to_numpy()
-        fitted = fit_probe(tensors[layer][selected].float().numpy(), tokens.loc[selected, column].to_numpy(),
+            selected = selected & (tokens["category"] == category).to_numpy()
+        fitted = fit_probe(tensors[layer][torch.tensor(selected)].float().numpy(), tokens.loc[selected, column].to_numpy(),
                            train_mask[selected])
         rows.append({"layer": layer, "target": target, "category": category,
                      "train_tokens": int((selected & train_mask).sum()), "test_tokens": int((selected & ~train_mask).sum()),

@@ -90,7 +90,8 @@ def evidence_from_capture(loaded: LoadedModel, traced: Capture, items: Sequence[
     vectors = traced.visual("embeddings")
     embedding_matrix = loaded.adapter.embed_tokens.weight
     with torch.no_grad():
-        cos, ids = nearest_vocabulary(vectors.to(embedding_matrix.device), embedding_matrix, topk)
+        cos, ids = nearest_vocabulary(vectors.to(embedding_matrix.device), embedding_matrix, topk,
+                                      exclude=[loaded.adapter.image_token_id])
     cos, ids = cos.cpu(), ids.cpu()
     llm_norm = torch.stack([vectors.float().norm(dim=-1)]
                            + [traced.visual(layer).float().norm(dim=-1) for layer in layers.norm_layers]).amax(0)

@@ -47,8 +47,10 @@ def planted(default_model):
 
     def hook(module, args, output):
         features = args[0]
-        # An id that depends on the image content at each patch: alive tokens differ across images.
-        ids = (features.abs().sum(-1) * 1e3).long() % (embeddings.shape[0] - 2000) + 2000
+        # An id that depends on the patch's content and position: alive tokens differ across images
+        # and across positions (plain backgrounds give identical features at every patch).
+        positions = torch.arange(features.shape[1]) * 7919
+        ids = ((features.abs().sum(-1) * 1e3).long() + positions) % (embeddings.shape[0] - 2000) + 2000
         planted = embeddings[ids].clone()
         planted[:, DEAD_TOKENS] = embeddings[dead_id]
         planted[:, SINK_TOKEN] = sink_vector

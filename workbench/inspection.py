@@ -7,6 +7,7 @@ to compare visual and text token norms, and reads a few visual tokens against th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -50,10 +51,16 @@ class InspectReport:
 
 
 def nearest_vocabulary(
-    vectors: torch.Tensor, embedding_matrix: torch.Tensor, top_k: int
+    vectors: torch.Tensor, embedding_matrix: torch.Tensor, top_k: int, exclude: Sequence[int] = ()
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (cosine similarity, token id) of each vector against every vocabulary embedding."""
+    """Top-k (cosine similarity, token id) of each vector against every vocabulary embedding.
+
+    `exclude` ids are never neighbours: pass the image-token id, whose embedding the LLM never
+    sees (it is replaced by visual tokens) and which, initialised near the mean embedding, would
+    otherwise be a hub near everything."""
     similarity = F.normalize(vectors.float(), dim=-1) @ F.normalize(embedding_matrix.float(), dim=-1).T
+    if exclude:
+        similarity[:, list(exclude)] = -float("inf")
     return similarity.topk(top_k, dim=-1)
 
 
