@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all default-model clean
+.PHONY: setup demo app test test-all default-model clean
 
 setup: $(STAMP) default-model
 
@@ -24,6 +24,11 @@ default-model: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/wb inspect sample:astronaut
+
+# The browser app on the default model; prints the local URL (PORT=8502 make app for another port).
+PORT ?= 8501
+app: setup
+	$(VENV)/bin/wb app --port $(PORT)
 
 test: setup
 	$(PY) -m pytest

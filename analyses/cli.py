@@ -157,3 +157,12 @@ def interventions(
     for name, accuracy in summary["accuracy"].items():
         table.add_row(name, f"{accuracy:.1%}")
     _print(summary, as_json, table)
+
+
+@analyze_app.command("report")
+def report(runs: list[str] = typer.Argument(..., help="Finished run folders.")) -> None:
+    """Print finished runs' headline numbers as Markdown tables."""
+    from analyses.report import report as markdown
+
+    for folder in runs:
+        print(markdown(folder) + "\n")

@@ -5,6 +5,8 @@ For every visual token of a batch of images (one prompt per image), `token_evide
 - `input_norm`: its norm at the LLM input (projector output);
 - `vision_norm`: the norm of the vision features it is made from (projector input);
 - `llm_norm`: its largest norm over the LLM's early layers (where massive activations appear);
+- `llm_peak`: its largest `massive_activation` (peak coordinate / RMS) over the same layers;
+- `sketch`: a 64-dim random projection of its direction (`sketch`), to compare it with the data;
 - `attention_received`: mean attention it draws from the text after the image, over heads and
   a few layers;
 - for probe scenes, the ground truth of its patch (kind, shape, colour, character).
@@ -31,6 +33,7 @@ from workbench.models.loading import LoadedModel
 from workbench.tracing import Capture, CaptureSpec, capture
 
 ANALYSIS_PROMPT = "Describe the image."
+SKETCH_DIM = 64
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,20 @@ def _attention_received(traced: Capture) -> torch.Tensor:
     return torch.cat(received)
 
 
+def massive_activation(states: torch.Tensor) -> torch.Tensor:
+    """Largest coordinate over the root-mean-square coordinate: ~3-4 for a spread-out vector, tens to
+    hundreds for the few-dimension massive activations of attention sinks."""
+    return states.abs().amax(-1) / states.pow(2).mean(-1).sqrt().clamp(min=1e-12)
+
+
+def sketch(vectors: torch.Tensor) -> torch.Tensor:
+    """A fixed random projection of each token's direction to `SKETCH_DIM` dims: cosines between
+    tokens survive (Johnson-Lindenstrauss), so a run can compare every token with the dataset's mean
+    direction without keeping full vectors."""
+    projection = torch.randn(vectors.shape[-1], SKETCH_DIM, generator=torch.Generator().manual_seed(0))
+    return (F.normalize(vectors.float(), dim=-1) @ projection / SKETCH_DIM ** 0.5).half()
+
+
 def _ground_truth(item: ImageItem, rows: int, cols: int) -> list[dict]:
     if item.scene is None:
         return [{} for _ in range(rows * cols)]
@@ -93,14 +110,15 @@ def evidence_from_capture(loaded: LoadedModel, traced: Capture, items: Sequence[
         cos, ids = nearest_vocabulary(vectors.to(embedding_matrix.device), embedding_matrix, topk,
                                       exclude=[loaded.adapter.image_token_id])
     cos, ids = cos.cpu(), ids.cpu()
-    llm_norm = torch.stack([vectors.float().norm(dim=-1)]
-                           + [traced.visual(layer).float().norm(dim=-1) for layer in layers.norm_layers]).amax(0)
+    early = [vectors.float()] + [traced.visual(layer).float() for layer in layers.norm_layers]
     columns = {
         "input_norm": vectors.float().norm(dim=-1),
         "vision_norm": traced.projector_input.float().norm(dim=-1),
-        "llm_norm": llm_norm,
+        "llm_norm": torch.stack([states.norm(dim=-1) for states in early]).amax(0),
+        "llm_peak": torch.stack([massive_activation(states) for states in early]).amax(0),
         "attention_received": _attention_received(traced),
     }
+    sketches = sketch(vectors)
     tokenizer = loaded.processor.tokenizer
     rows, start = [], 0
     for item, layout in zip(items, traced.layouts):
@@ -112,6 +130,7 @@ def evidence_from_capture(loaded: LoadedModel, traced: Capture, items: Sequence[
             row["topk_ids"] = ids[flat].tolist()
             row["topk_tokens"] = [tokenizer.decode([token_id]) for token_id in ids[flat].tolist()]
             row["topk_cos"] = [round(float(value), 5) for value in cos[flat]]
+            row["sketch"] = sketches[flat].tolist()
             rows.append(row | truths[token])
         start += layout.num_tokens
     top1 = ids[:, 0]

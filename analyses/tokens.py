@@ -7,10 +7,16 @@ Two rules decide on the evidence of `token_evidence`:
 - `auto` (default), for any model:
   1. anchors are discovered on the data: vocabulary ids that are among the top-k neighbours
      of many tokens (`min_share` of all) in most images (`min_coverage`), i.e. image-agnostic;
-  2. sinks are tokens with outlier norms, by a robust z-score (median / MAD of log norms) above
-     `z_threshold`: in the vision features (ViT sink) or in the LLM's input and early layers
-     (LLM sink); a token near an anchor that also draws outlier attention is an LLM sink too;
-  3. dead tokens have an anchor among their top-k and ordinary norms;
+  2. sinks are outliers by a robust z-score (median / MAD of logs) above `z_threshold` -- of the
+     vision-feature norm (ViT sink), or of both the norm and the massive-activation peak (largest
+     coordinate / RMS) in the LLM's input and early layers (LLM sink) -- that are also
+     image-agnostic: within `sink_consistency` (cosine) of a direction that such outliers take in
+     at least `min_coverage` of the images. Outliers that differ from image to image are alive (in
+     a trained model, tokens of objects and text can carry massive activations too); a token near
+     an anchor that also draws outlier attention is an LLM sink;
+  3. dead tokens have an anchor among their top-k and are typical of the data: their cosine to
+     the data's mean token direction is above the Otsu split of all tokens' cosines (so tokens
+     that merely share hub neighbours but differ from image to image stay alive);
   4. everything else is alive.
   Each token's `reason` names the rule that fired with its numbers.
 
@@ -27,6 +33,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
+from skimage.filters import threshold_otsu
 
 from analyses.runner import run_batches
 from analyses.token_evidence import ANALYSIS_PROMPT, EvidenceLayers, token_evidence
@@ -38,6 +45,7 @@ from workbench.store import RunStore
 CATEGORIES = ("sink", "dead", "alive")
 RuleKind = Literal["auto", "embedlens"]
 ROBUST_SD = 1.4826  # MAD -> standard deviation for normal data
+EVIDENCE_COLUMNS = {"vision": "vision_norm", "llm": "llm_norm", "peak": "llm_peak", "attention": "attention_received"}
 
 
 @dataclass
@@ -73,7 +81,13 @@ class TokenRule:
     topk: int
     anchors: list[Anchor]
     z_threshold: float = 3.5
-    stats: dict[str, RobustStats] = field(default_factory=dict)  # "vision", "llm", "attention"
+    stats: dict[str, RobustStats] = field(default_factory=dict)  # "vision", "llm", "peak", "attention"
+    mean_direction: list[float] = field(default_factory=list)  # the data's mean token direction, in sketch space
+    typicality_threshold: float = float("nan")  # Otsu split of tokens' cosine to `mean_direction`
+    # Directions of outliers that recur across images, per source ("vit", "llm"): an outlier within
+    # `sink_consistency` (cosine) of one of them is a sink.
+    sink_prototypes: dict[str, list[list[float]]] = field(default_factory=dict)
+    sink_consistency: float = 0.9
 
     def anchor_ids(self, role: str) -> set[int]:
         return {anchor.id for anchor in self.anchors if anchor.role == role}
@@ -85,11 +99,60 @@ class TokenRule:
     def from_dict(cls, data: dict) -> TokenRule:
         return cls(kind=data["kind"], topk=data["topk"], anchors=[Anchor(**anchor) for anchor in data["anchors"]],
                    z_threshold=data["z_threshold"],
-                   stats={name: RobustStats(**value) for name, value in data["stats"].items()})
+                   stats={name: RobustStats(**value) for name, value in data["stats"].items()},
+                   mean_direction=data["mean_direction"], typicality_threshold=data["typicality_threshold"],
+                   sink_prototypes=data["sink_prototypes"], sink_consistency=data["sink_consistency"])
+
+    def typicality(self, evidence: pd.DataFrame, direction: list[float] | None = None) -> np.ndarray:
+        """Cosine of each token's sketch with `direction` (default: the data's mean direction)."""
+        if direction is None:
+            direction = self.mean_direction
+        if not direction:
+            return np.zeros(len(evidence), dtype=np.float32)
+        return unit_sketches(evidence) @ np.asarray(direction, dtype=np.float32)
+
+    def outliers(self, evidence: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Masks of norm outliers by source: "vit" (vision features), "llm" (norm and massive activation)."""
+        z = {name: self.stats[name].z(evidence[column].to_numpy()) for name, column in EVIDENCE_COLUMNS.items()}
+        vit = z["vision"] > self.z_threshold
+        return {"vit": vit, "llm": ~vit & (z["llm"] > self.z_threshold) & (z["peak"] > self.z_threshold)}
 
     def classify(self, evidence: pd.DataFrame) -> pd.DataFrame:
         """`category`, `sink_source`, `reason` (and the z-scores for `auto`) for each evidence row."""
         return _classify_embedlens(self, evidence) if self.kind == "embedlens" else _classify_auto(self, evidence)
+
+
+def unit_sketches(evidence: pd.DataFrame) -> np.ndarray:
+    sketches = np.stack(evidence["sketch"].to_numpy()).astype(np.float32)
+    return sketches / (np.linalg.norm(sketches, axis=1, keepdims=True) + 1e-12)
+
+
+def mean_direction(unit_vectors: np.ndarray) -> list[float]:
+    if not len(unit_vectors):
+        return []
+    mean = unit_vectors.astype(np.float64).mean(0)
+    return (mean / (np.linalg.norm(mean) + 1e-12)).round(6).tolist()
+
+
+def recurring_directions(units: np.ndarray, image_ids: np.ndarray, min_cosine: float, min_coverage: float,
+                         num_images: int, max_tokens: int = 4000) -> list[list[float]]:
+    """Mean directions of groups of near-identical vectors (cosine >= `min_cosine`) that occur in at
+    least `min_coverage` of the images: the image-agnostic ones. Greedy, densest group first."""
+    if len(units) > max_tokens:  # pairwise cosines grow quadratically; a seeded sample finds the same groups
+        keep = np.random.default_rng(0).choice(len(units), max_tokens, replace=False)
+        units, image_ids = units[keep], image_ids[keep]
+    close = units @ units.T >= min_cosine
+    remaining = np.ones(len(units), dtype=bool)
+    prototypes = []
+    while remaining.any():
+        counts = (close & remaining).sum(1) * remaining
+        seed = int(counts.argmax())
+        group = close[seed] & remaining
+        if len(set(image_ids[group])) < min_coverage * num_images:
+            break  # the densest group left is not image-agnostic; smaller ones cover fewer images still
+        prototypes.append(mean_direction(units[group]))
+        remaining &= ~group
+    return prototypes
 
 
 def _first_anchor(topk_ids: list[int], ids: set[int]) -> int | None:
@@ -110,36 +173,56 @@ def _classify_embedlens(rule: TokenRule, evidence: pd.DataFrame) -> pd.DataFrame
     return pd.DataFrame(decisions, columns=["category", "sink_source", "reason"], index=evidence.index)
 
 
-def _auto_decision(rule: TokenRule, anchor: Anchor | None, row: pd.Series, z: dict[str, float]) -> tuple[str, str, str]:
-    """(category, sink source, reason) of one token under the auto rule."""
-    limit = rule.z_threshold
-    if z["vision"] > limit:
-        return "sink", "vit", (f"vision-feature norm {row['vision_norm']:.1f} is {z['vision']:.1f} robust SDs "
-                               f"above the median (limit {limit})")
-    if z["llm"] > limit:
-        return "sink", "llm", (f"LLM early-layer norm {row['llm_norm']:.1f} is {z['llm']:.1f} robust SDs "
-                               f"above the median (limit {limit})")
+def _outlier_reason(source: str, row: pd.Series, z: dict[str, float]) -> str:
+    if source == "vit":
+        return f"vision-feature norm {row['vision_norm']:.1f} is {z['vision']:.1f} robust SDs above the median"
+    return (f"massive activation in the LLM's early layers: norm {row['llm_norm']:.1f} (z {z['llm']:.1f}), "
+            f"peak coordinate {row['llm_peak']:.0f}x the RMS (z {z['peak']:.1f})")
+
+
+def _auto_decision(rule: TokenRule, anchor: Anchor | None, row: pd.Series, z: dict[str, float],
+                   typical: float, outlier: tuple[str, float] | None) -> tuple[str, str, str]:
+    """(category, sink source, reason) of one token under the auto rule; `outlier` is (source, cosine to
+    that source's outlier direction) for a norm outlier."""
+    limit, threshold = rule.z_threshold, rule.typicality_threshold
+    if outlier is not None:
+        source, consistency = outlier
+        if consistency >= rule.sink_consistency:
+            return "sink", source, (f"{_outlier_reason(source, row, z)}; image-agnostic: cosine {consistency:.2f} "
+                                    f"to an outlier direction recurring across images (>= {rule.sink_consistency})")
+        return "alive", "", (f"{_outlier_reason(source, row, z)}, but image-specific: cosine {consistency:.2f} "
+                             f"to the recurring outlier directions (< {rule.sink_consistency})")
     if anchor is not None and z["attention"] > limit:
         return "sink", "llm", (f"near anchor {anchor.token!r} and draws attention {z['attention']:.1f} robust SDs "
                                f"above the median")
+    if anchor is not None and typical >= threshold:
+        return "dead", "", (f"top-{rule.topk} contains anchor {anchor.token!r} (near {anchor.share:.0%} of tokens "
+                            f"in {anchor.coverage:.0%} of images) and the token is typical of the data (cosine "
+                            f"{typical:.2f} to the mean direction >= {threshold:.2f})")
     if anchor is not None:
-        return "dead", "", (f"top-{rule.topk} contains anchor {anchor.token!r} (id {anchor.id}: near "
-                            f"{anchor.share:.0%} of tokens in {anchor.coverage:.0%} of images, consistency "
-                            f"{anchor.consistency:.2f}); norms ordinary")
+        return "alive", "", (f"near anchor {anchor.token!r} but image-specific (cosine {typical:.2f} to the mean "
+                             f"direction < {threshold:.2f})")
     return "alive", "", (f"no anchor among the top-{rule.topk}; norms ordinary (vision z {z['vision']:.1f}, "
                          f"LLM z {z['llm']:.1f})")
 
 
 def _classify_auto(rule: TokenRule, evidence: pd.DataFrame) -> pd.DataFrame:
-    z = {name: rule.stats[name].z(evidence[column].to_numpy())
-         for name, column in (("vision", "vision_norm"), ("llm", "llm_norm"), ("attention", "attention_received"))}
+    z = {name: rule.stats[name].z(evidence[column].to_numpy()) for name, column in EVIDENCE_COLUMNS.items()}
+    typical = rule.typicality(evidence)
+    outliers = rule.outliers(evidence)
+    units = unit_sketches(evidence)
+    consistency = {source: (units @ np.asarray(prototypes, dtype=np.float32).T).max(1) if prototypes
+                   else np.full(len(evidence), -1.0) for source, prototypes in rule.sink_prototypes.items()}
     anchors = {anchor.id: anchor for anchor in rule.anchors}
     decisions = []
     for i, (_, row) in enumerate(evidence.iterrows()):
         hit = _first_anchor(list(row["topk_ids"])[:rule.topk], set(anchors))
-        decisions.append(_auto_decision(rule, anchors.get(hit), row, {name: float(values[i]) for name, values in z.items()}))
+        scores = {name: float(values[i]) for name, values in z.items()}
+        outlier = next(((source, float(consistency[source][i])) for source in outliers if outliers[source][i]), None)
+        decisions.append(_auto_decision(rule, anchors.get(hit), row, scores, float(typical[i]), outlier))
     decided = pd.DataFrame(decisions, columns=["category", "sink_source", "reason"], index=evidence.index)
-    return decided.assign(vision_z=z["vision"], llm_z=z["llm"], attention_z=z["attention"])
+    return decided.assign(vision_z=z["vision"], llm_z=z["llm"], peak_z=z["peak"], attention_z=z["attention"],
+                          typicality=typical)
 
 
 # --- anchor discovery ---------------------------------------------------------------
@@ -159,10 +242,10 @@ def group_consistency(groups: dict[str, torch.Tensor]) -> dict[int, float]:
 def discover_anchors(evidence: pd.DataFrame, consistency: dict[int, float], tokenizer, z_threshold: float,
                      min_share: float, min_coverage: float) -> tuple[list[Anchor], dict[str, RobustStats]]:
     """Image-agnostic nearest-vocabulary ids, each with the role its tokens' norms suggest."""
-    stats = {name: RobustStats.of(evidence[column].to_numpy())
-             for name, column in (("vision", "vision_norm"), ("llm", "llm_norm"), ("attention", "attention_received"))}
+    stats = {name: RobustStats.of(evidence[column].to_numpy()) for name, column in EVIDENCE_COLUMNS.items()}
     vision_outlier = stats["vision"].z(evidence["vision_norm"].to_numpy()) > z_threshold
-    llm_outlier = stats["llm"].z(evidence["llm_norm"].to_numpy()) > z_threshold
+    llm_outlier = ((stats["llm"].z(evidence["llm_norm"].to_numpy()) > z_threshold)
+                   & (stats["peak"].z(evidence["llm_peak"].to_numpy()) > z_threshold))
     exploded = evidence[["image_id", "topk_ids"]].assign(vision_outlier=vision_outlier, llm_outlier=llm_outlier)
     exploded = exploded.explode("topk_ids").rename(columns={"topk_ids": "id"})
     num_tokens, num_images = len(evidence), evidence["image_id"].nunique()
@@ -188,6 +271,7 @@ class TokensConfig:
     z_threshold: float = 3.5
     min_share: float = 0.05
     min_coverage: float = 0.5
+    sink_consistency: float = 0.9
     batch_size: int = 8
     prompt: str = ANALYSIS_PROMPT
 
@@ -235,7 +319,15 @@ def analyze_tokens(loaded: LoadedModel, images: ImageSet, out: str, config: Toke
     else:
         anchors, stats = discover_anchors(evidence, group_consistency(groups), tokenizer, config.z_threshold,
                                           config.min_share, config.min_coverage)
-        rule = TokenRule("auto", config.topk, anchors, config.z_threshold, stats)
+        rule = TokenRule("auto", config.topk, anchors, config.z_threshold, stats,
+                         sink_consistency=config.sink_consistency)
+        units = unit_sketches(evidence)
+        rule.mean_direction = mean_direction(units)
+        rule.typicality_threshold = round(float(threshold_otsu(rule.typicality(evidence))), 6)
+        image_ids = evidence["image_id"].to_numpy()
+        rule.sink_prototypes = {source: recurring_directions(units[mask], image_ids[mask], config.sink_consistency,
+                                                             config.min_coverage, evidence["image_id"].nunique())
+                                for source, mask in rule.outliers(evidence).items()}
     table = pd.concat([evidence, rule.classify(evidence)], axis=1)
     store.write_table("tokens", table)
     summary = summarise(table, rule) | {"evidence_layers": asdict(layers),

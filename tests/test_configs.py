@@ -89,3 +89,13 @@ def test_unfinished_runs_and_unknown_methods_are_refused(tmp_path):
         build_config(tmp_path / "run", "magic")
     with pytest.raises(InputError, match="not a run folder"):
         build_config(tmp_path, "hidrop")
+
+
+def test_report_prints_the_curves_and_the_recommendation(tmp_path):
+    from analyses.report import report
+
+    similarity_run(tmp_path / "run")
+    text = report(str(tmp_path / "run"))
+    assert text.startswith("### similarity: default on probe:8")
+    assert "| layer | vision_effect |" in text and "'injection_layer': 4" in text
+    assert text.count("\n| ") == len(EFFECT) + 2  # header, rule row, one row per layer

@@ -13,7 +13,7 @@ from workbench.data.image_sets import resolve_image_set
 from workbench.errors import InputError
 from workbench.inspection import nearest_vocabulary
 
-DEAD_TOKENS = list(range(32))  # the top two rows of the 16 x 16 grid
+DEAD_TOKENS = list(range(32, 64))  # rows 2-3 of the 16 x 16 grid (the first token draws attention by position)
 SINK_TOKEN = 137
 
 
@@ -38,20 +38,22 @@ def test_reference_rule_on_a_hand_computed_top_k():
 
 @pytest.fixture
 def planted(default_model):
-    """The default model with its projector replaced: rows 0-1 map to one vocabulary embedding
-    (dead), one token to a huge vector (sink), the rest to image-specific vocabulary embeddings."""
+    """The default model with its projector replaced: rows 2-3 map to one vocabulary embedding
+    (dead), one token to a massive activation (sink), the rest to image-specific random directions."""
     embeddings = default_model.adapter.embed_tokens.weight.detach()
     dead_id = 1000
-    sink_vector = torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(0))
-    sink_vector *= 500 * embeddings.norm(dim=-1).mean() / sink_vector.norm()
+    # A massive activation: almost all of a huge norm in one hidden dimension.
+    sink_vector = embeddings[2].clone()
+    sink_vector[7] = 500 * embeddings.norm(dim=-1).mean()
 
     def hook(module, args, output):
         features = args[0]
-        # An id that depends on the patch's content and position: alive tokens differ across images
-        # and across positions (plain backgrounds give identical features at every patch).
-        positions = torch.arange(features.shape[1]) * 7919
-        ids = ((features.abs().sum(-1) * 1e3).long() + positions) % (embeddings.shape[0] - 2000) + 2000
-        planted = embeddings[ids].clone()
+        # A seed per patch content and position: alive tokens point in directions that differ across
+        # images and positions (plain backgrounds give identical features at every patch).
+        seeds = (features.abs().sum(-1) * 1e3).long() + torch.arange(features.shape[1]) * 7919
+        planted = torch.stack([torch.stack([torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(int(seed)))
+                                            for seed in row]) for row in seeds])
+        planted *= embeddings.norm(dim=-1).mean() / planted.norm(dim=-1, keepdim=True)
         planted[:, DEAD_TOKENS] = embeddings[dead_id]
         planted[:, SINK_TOKEN] = sink_vector
         return planted.to(output.dtype)

@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from analyses.cli import analyze_app
+from workbench.console import MODEL_OPTION, console, load_with_notes, status_console
 from workbench.errors import WorkbenchError
 
 app = typer.Typer(help="Multimodal LLM workbench: look inside vision-language models and slim them down.",
@@ -29,21 +30,7 @@ eval_app = typer.Typer(help="Evaluations: accuracy on held-out probe scenes.", n
 app.add_typer(eval_app, name="eval")
 train_app = typer.Typer(help="Training recipes that produce the weights the workbench ships.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
-console = Console()
-# Notes, spinners and progress go to stderr so that `--json` output on stdout stays parseable.
-status_console = Console(stderr=True)
-
-MODEL_OPTION = typer.Option("default", "--model", "-m", help="'default', a local folder or a Hugging Face id.")
-
-
-def _load(name: str):
-    from workbench.models.loading import load_model
-
-    with status_console.status(f"loading model {name} ..."):
-        loaded = load_model(name)
-    for note in loaded.notes:
-        status_console.print(f"[yellow]note:[/] {note}")
-    return loaded
+app.add_typer(analyze_app, name="analyze")
 
 
 @app.command()
@@ -59,7 +46,7 @@ def inspect(
     from workbench.inspection import inspect_image
 
     picture = load_image(image)
-    loaded = _load(model)
+    loaded = load_with_notes(model)
     with status_console.status("tracing ..."):
         report = inspect_image(loaded, picture, prompt, max_new_tokens=max_new_tokens)
     if as_json:
@@ -111,7 +98,7 @@ def bench_trace(
     from workbench.data.images import load_image
     from workbench.models.inputs import build_inputs
 
-    loaded = _load(model)
+    loaded = load_with_notes(model)
     picture = load_image(image)
     inputs = build_inputs(loaded.processor, [picture] * batch_size, ["Describe the image."] * batch_size,
                           device=loaded.device)
@@ -155,7 +142,7 @@ def eval_vqa(
     """Exact-match accuracy on probe-scene questions, next to no-vision and majority-answer references."""
     from workbench.evaluation.vqa import evaluate_vqa
 
-    loaded = _load(model)
+    loaded = load_with_notes(model)
     with Progress(console=status_console, transient=True) as progress:
         task = progress.add_task("answering (model, then no vision)", total=2 * n)
         report = evaluate_vqa(loaded, split=split, n=n, batch_size=batch_size,
@@ -214,6 +201,44 @@ def train_default(
             verify_installation()
         console.print(f"installed {len(installed)} files into {DEFAULT_WEIGHTS_DIR}; "
                       "load_model('default') applies them")
+
+
+@app.command("export-config")
+def export_config(
+    run: Path = typer.Option(..., "--run", help="A finished analysis run folder."),
+    method: str = typer.Option(..., "--method", help="prune (tokens run), injection (alignment or similarity run), "
+                                                     "hidrop or vica (similarity run)."),
+    out: Path = typer.Option(..., "--out", help="The YAML file to write."),
+) -> None:
+    """Write what a run found as a validated, versioned config for an efficient model."""
+    from workbench.configs import export_config as export, load_config
+
+    path = export(run, method, out)
+    load_config(path)  # what training will read must validate
+    console.print(f"wrote {path}")
+
+
+@app.command("app")
+def browser_app(
+    port: int = typer.Option(8501, "--port", help="Port to serve on (localhost)."),
+    model: str = MODEL_OPTION,
+    headless: bool = typer.Option(True, "--headless/--open-browser", help="Only print the URL, or also open a browser."),
+) -> None:
+    """The browser app (Streamlit): explore token categories, layers and runs, export configs."""
+    import importlib.util
+    import os
+    import subprocess
+
+    script = importlib.util.find_spec("apps.workbench_app").origin
+    console.print(f"workbench app on [bold]http://localhost:{port}[/] (model {model}); Ctrl-C stops it")
+    argv = [sys.executable, "-m", "streamlit", "run", script, "--server.port", str(port),
+            "--server.address", "localhost", "--server.headless", str(headless).lower(),
+            "--browser.gatherUsageStats", "false"]
+    try:
+        code = subprocess.call(argv, env=os.environ | {"WB_APP_MODEL": model})
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
 
 
 def main() -> None:
