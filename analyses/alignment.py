@@ -11,7 +11,7 @@ states entering L:
 And one view of the visual tokens themselves, through the LLM:
 - `logit_lens_hit` (probe scenes): the fraction of alive object tokens whose colour or shape word is
   among the top-5 logit-lens tokens of their state after layer l (final norm + LM head).
-The recommended injection layer is the least separable one.
+The recommended injection layer is the least separable one; ties go to the best norm match.
 """
 
 from __future__ import annotations
@@ -157,7 +157,10 @@ def analyze_alignment(loaded: LoadedModel, images: ImageSet, out: str, config: A
         hits = lens.groupby("layer")[["tokens", "hits"]].sum()
         curves["logit_lens_hit"] = (hits["hits"] / hits["tokens"]).reindex(curves["layer"]).to_numpy()
     store.write_table("layers", curves)
-    best = curves.sort_values(["separability", "layer"]).iloc[0]
+    # Least separable first; among equally separable layers (a linear probe often separates them all),
+    # the one whose norm scale matches best.
+    best = curves.assign(scale_gap=curves["log10_norm_ratio"].abs()).sort_values(
+        ["separability", "scale_gap", "layer"]).iloc[0]
     summary = {
         "num_images": int(len(images) - len(store.manifest["skipped_images"])),
         "alive_tokens_sampled": int(tensors["visual"].shape[0]),

@@ -44,7 +44,8 @@ def test_alignment_curves_cover_every_layer(run_wb, default_model, tokens_run, t
     layers = pd.read_parquet(tmp_path / "align" / "layers.parquet")
     assert list(layers["layer"]) == list(range(30))
     assert layers["separability"].between(0, 1).all()
-    assert summary["recommended_injection_layer"] == int(layers.sort_values(["separability", "layer"])["layer"].iat[0])
+    ranked = layers.assign(gap=layers["log10_norm_ratio"].abs()).sort_values(["separability", "gap", "layer"])
+    assert summary["recommended_injection_layer"] == int(ranked["layer"].iat[0])
     code, _, err = run_wb("export-config", "--run", str(tmp_path / "align"), "--method", "injection",
                           "--out", str(tmp_path / "inject.yaml"))
     assert code == 0, err

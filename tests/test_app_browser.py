@@ -128,7 +128,7 @@ def test_load_a_sample_click_a_patch_and_see_its_details(browser, server, tmp_pa
             plot_area = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[0].find_element(
                 By.CSS_SELECTOR, ".draglayer .nsewdrag")
     body = browser.find_element(By.TAG_NAME, "body").text  # tables are canvases: check the text around them
-    assert "Logit lens after layer" in body and re.search(r"anchor|robust SDs", body), "the rule's reason is shown"
+    assert "Logit lens after layer" in body and re.search(r"anchor|robust SDs|massive activation|cosine", body), "the rule's reason is shown"
     browser.save_screenshot(str(tmp_path / "selected.png"))
     shots = os.environ.get("WB_APP_SHOTS")  # keep the screenshots somewhere a person can look at them
     if shots:
