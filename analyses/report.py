@@ -38,7 +38,9 @@ def _tokens(store: RunStore) -> str:
 
 def _probe(store: RunStore) -> str:
     probes = store.read_table("probes")
-    pivot = probes.pivot_table(index=["target", "category"], columns="layer", values="accuracy").reset_index()
+    pivot = probes.pivot_table(index=["target", "category"], columns="layer", values="accuracy")
+    depth = {name: -1 if name == "input" else int(name.removeprefix("layer")) for name in pivot.columns}
+    pivot = pivot[sorted(pivot.columns, key=depth.get)].reset_index()
     majority = probes[probes["category"] == "all"].groupby("target")["majority_accuracy"].first()
     parts = [_table(pivot, "{:.1%}"), _table(majority.reset_index(), "{:.1%}")]
     vqa = store.read_json("summary").get("vqa")
