@@ -241,10 +241,17 @@ def test_resuming_with_another_recipe_is_refused(finished_run, tiny_loader):
         train_default_model(other, finished_run, base_model_loader=tiny_loader)
 
 
-def test_install_copies_the_run_outputs(finished_run, tmp_path):
+def test_install_copies_the_run_outputs_with_the_lora_in_bf16(finished_run, tmp_path):
+    from safetensors.torch import load_file
+
     installed = install_run(finished_run, tmp_path)
     assert sorted(path.relative_to(tmp_path).as_posix() for path in installed) == sorted(recipe.INSTALLED_FILES)
     assert load_recipe(tmp_path / "recipe.yaml") == tiny_recipe()
+    trained = load_file(finished_run / "lora" / "adapter_model.safetensors")
+    shipped = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert shipped.keys() == trained.keys() and all(value.dtype == torch.bfloat16 for value in shipped.values())
+    for key, value in trained.items():
+        torch.testing.assert_close(shipped[key].float(), value, rtol=1e-2, atol=1e-6)
     with pytest.raises(RecipeError, match="no finished run"):
         install_run(tmp_path / "nothing-here", tmp_path / "weights")
 
