@@ -23,8 +23,8 @@ TOKENS_RUN_OPTION = typer.Option(None, "--tokens-run", help="A finished tokens r
 JSON_OPTION = typer.Option(False, "--json", help="Print the summary as JSON.")
 
 
-def _layers(text: str | None) -> tuple[int, ...] | None:
-    """"2,4,8" or "10-15" (inclusive) or a mix; None stays None (the analysis picks)."""
+def _int_list(text: str | None) -> tuple[int, ...] | None:
+    """"2,4,8" or "10-15" (inclusive) or a mix, for layers or ids; None stays None (the analysis picks)."""
     if text is None:
         return None
     layers: list[int] = []
@@ -65,7 +65,7 @@ def tokens(
 
     if rule not in ("auto", "embedlens"):
         raise InputError(f"unknown --rule {rule!r}; choose auto or embedlens")
-    anchor_ids = _layers(anchors)
+    anchor_ids = _int_list(anchors)
     if anchor_ids is not None and len(anchor_ids) != 3:
         raise InputError(f"--anchors needs exactly three ids SINK_VIT,SINK_LLM,DEAD (got {anchors!r})")
     config = TokensConfig(rule=rule, anchors=anchor_ids, topk=topk, batch_size=batch_size)
@@ -90,7 +90,7 @@ def probe(
     """Patch-compression benchmark: linear probes per category and layer; VQA with only alive tokens."""
     from analyses.probe import ProbeConfig, analyze_probe
 
-    config = ProbeConfig(batch_size=batch_size, layers=_layers(layers), vqa_questions=questions)
+    config = ProbeConfig(batch_size=batch_size, layers=_int_list(layers), vqa_questions=questions)
     summary = analyze_probe(load_with_notes(model), _images(images), out, config, tokens_run)
     table = None
     if summary["vqa"]:
@@ -150,8 +150,8 @@ def interventions(
     """VQA accuracy when categories are removed, sublayers skipped, attention cut, or tokens enter late."""
     from analyses.interventions import InterventionsConfig, analyze_interventions
 
-    config = InterventionsConfig(questions=questions, batch_size=batch_size, skip_layers=_layers(skip_layers),
-                                 exit_layers=_layers(exit_layers), inject_layers=_layers(inject_layers))
+    config = InterventionsConfig(questions=questions, batch_size=batch_size, skip_layers=_int_list(skip_layers),
+                                 exit_layers=_int_list(exit_layers), inject_layers=_int_list(inject_layers))
     summary = analyze_interventions(load_with_notes(model), _images(images), out, config, tokens_run)
     table = Table("condition", "VQA accuracy", title=f"{summary['questions']} {summary['split']} questions -> {out}")
     for name, accuracy in summary["accuracy"].items():

@@ -34,7 +34,7 @@ from workbench.interventions import Intervention, intervene
 from workbench.models.inputs import build_inputs
 from workbench.models.loading import LoadedModel
 from workbench.store import RunStore
-from workbench.tracing import Capture, CaptureSpec, capture
+from workbench.tracing import CaptureSpec, capture
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,6 @@ class SimilarityConfig:
             raise InputError(f"need 0 < onset < saturation <= 1 (got {self.onset}, {self.saturation})")
 
 
-def _post_image_text(traced: Capture) -> torch.Tensor:
-    """[batch, seq] mask of real text tokens after each row's last visual token."""
-    after = torch.zeros_like(traced.visual_mask)
-    for sample, row in enumerate(traced.visual_mask):
-        after[sample, row.nonzero().max() + 1:] = True
-    return after & traced.attention_mask.bool()
-
-
 def _self_cos(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(before.float(), after.float(), dim=-1)
 
@@ -71,7 +63,7 @@ def layer_similarity(loaded: LoadedModel, items: Sequence[ImageItem], images: Se
     with_image = capture(loaded, inputs, spec)
     with intervene(loaded, inputs, Intervention(exit_layer=0)):
         without_image = capture(loaded, inputs, spec)
-    text = _post_image_text(with_image)
+    text = with_image.after_image_mask
     rows = []
     for sample, item in enumerate(items):
         visual, words = with_image.visual_mask[sample], text[sample]

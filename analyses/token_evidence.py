@@ -17,6 +17,7 @@ tokens are (cross-image consistency) without keeping every token's vector.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from PIL import Image
 
 from workbench.data.image_sets import ImageItem
 from workbench.data.probe_scenes import patch_labels
-from workbench.inspection import nearest_vocabulary
+from workbench.inspection import vocabulary_neighbours
 from workbench.models.inputs import build_inputs
 from workbench.models.loading import LoadedModel
 from workbench.tracing import Capture, CaptureSpec, capture
@@ -54,12 +55,9 @@ class EvidenceLayers:
 def _attention_received(traced: Capture) -> torch.Tensor:
     """[num_visual_tokens]: mean attention from each row's post-image text to its visual tokens."""
     received = []
+    after_image = traced.after_image_mask
     for sample in range(traced.input_ids.shape[0]):
-        visual = traced.visual_mask[sample]
-        positions = visual.nonzero().flatten()
-        after_image = torch.zeros_like(visual)
-        after_image[positions.max() + 1:] = True
-        queries = after_image & traced.attention_mask[sample].bool()
+        visual, queries = traced.visual_mask[sample], after_image[sample]
         per_layer = [traced.attentions[layer][sample].float().mean(0)[queries][:, visual].mean(0)
                      for layer in sorted(traced.attentions)]
         received.append(torch.stack(per_layer).mean(0))
@@ -72,12 +70,16 @@ def massive_activation(states: torch.Tensor) -> torch.Tensor:
     return states.abs().amax(-1) / states.pow(2).mean(-1).sqrt().clamp(min=1e-12)
 
 
+@functools.cache
+def _sketch_projection(dim: int) -> torch.Tensor:
+    return torch.randn(dim, SKETCH_DIM, generator=torch.Generator().manual_seed(0)) / SKETCH_DIM ** 0.5
+
+
 def sketch(vectors: torch.Tensor) -> torch.Tensor:
     """A fixed random projection of each token's direction to `SKETCH_DIM` dims: cosines between
     tokens survive (Johnson-Lindenstrauss), so a run can compare every token with the dataset's mean
     direction without keeping full vectors."""
-    projection = torch.randn(vectors.shape[-1], SKETCH_DIM, generator=torch.Generator().manual_seed(0))
-    return (F.normalize(vectors.float(), dim=-1) @ projection / SKETCH_DIM ** 0.5).half()
+    return (F.normalize(vectors.float(), dim=-1) @ _sketch_projection(vectors.shape[-1])).half()
 
 
 def _ground_truth(item: ImageItem, rows: int, cols: int) -> list[dict]:
@@ -105,11 +107,7 @@ def evidence_from_capture(loaded: LoadedModel, traced: Capture, items: Sequence[
                           layers: EvidenceLayers) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """`token_evidence` from a capture that holds at least what `evidence_spec(layers)` asks for."""
     vectors = traced.visual("embeddings")
-    embedding_matrix = loaded.adapter.embed_tokens.weight
-    with torch.no_grad():
-        cos, ids = nearest_vocabulary(vectors.to(embedding_matrix.device), embedding_matrix, topk,
-                                      exclude=[loaded.adapter.image_token_id])
-    cos, ids = cos.cpu(), ids.cpu()
+    cos, ids = vocabulary_neighbours(loaded, vectors, topk)
     early = [vectors.float()] + [traced.visual(layer).float() for layer in layers.norm_layers]
     columns = {
         "input_norm": vectors.float().norm(dim=-1),

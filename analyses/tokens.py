@@ -103,17 +103,17 @@ class TokenRule:
                    mean_direction=data["mean_direction"], typicality_threshold=data["typicality_threshold"],
                    sink_prototypes=data["sink_prototypes"], sink_consistency=data["sink_consistency"])
 
-    def typicality(self, evidence: pd.DataFrame, direction: list[float] | None = None) -> np.ndarray:
-        """Cosine of each token's sketch with `direction` (default: the data's mean direction)."""
-        if direction is None:
-            direction = self.mean_direction
-        if not direction:
-            return np.zeros(len(evidence), dtype=np.float32)
-        return unit_sketches(evidence) @ np.asarray(direction, dtype=np.float32)
+    def typicality(self, evidence: pd.DataFrame) -> np.ndarray:
+        """Cosine of each token's sketch with the data's mean direction (1 = the most common token)."""
+        return unit_sketches(evidence) @ np.asarray(self.mean_direction, dtype=np.float32)
+
+    def z_scores(self, evidence: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Robust z-score of each evidence column ("vision", "llm", "peak", "attention")."""
+        return {name: self.stats[name].z(evidence[column].to_numpy()) for name, column in EVIDENCE_COLUMNS.items()}
 
     def outliers(self, evidence: pd.DataFrame) -> dict[str, np.ndarray]:
         """Masks of norm outliers by source: "vit" (vision features), "llm" (norm and massive activation)."""
-        z = {name: self.stats[name].z(evidence[column].to_numpy()) for name, column in EVIDENCE_COLUMNS.items()}
+        z = self.z_scores(evidence)
         vit = z["vision"] > self.z_threshold
         return {"vit": vit, "llm": ~vit & (z["llm"] > self.z_threshold) & (z["peak"] > self.z_threshold)}
 
@@ -207,7 +207,7 @@ def _auto_decision(rule: TokenRule, anchor: Anchor | None, row: pd.Series, z: di
 
 
 def _classify_auto(rule: TokenRule, evidence: pd.DataFrame) -> pd.DataFrame:
-    z = {name: rule.stats[name].z(evidence[column].to_numpy()) for name, column in EVIDENCE_COLUMNS.items()}
+    z = rule.z_scores(evidence)
     typical = rule.typicality(evidence)
     outliers = rule.outliers(evidence)
     units = unit_sketches(evidence)
@@ -239,14 +239,11 @@ def group_consistency(groups: dict[str, torch.Tensor]) -> dict[int, float]:
             for token_id, value, count in zip(unique, pairwise, counts)}
 
 
-def discover_anchors(evidence: pd.DataFrame, consistency: dict[int, float], tokenizer, z_threshold: float,
-                     min_share: float, min_coverage: float) -> tuple[list[Anchor], dict[str, RobustStats]]:
-    """Image-agnostic nearest-vocabulary ids, each with the role its tokens' norms suggest."""
-    stats = {name: RobustStats.of(evidence[column].to_numpy()) for name, column in EVIDENCE_COLUMNS.items()}
-    vision_outlier = stats["vision"].z(evidence["vision_norm"].to_numpy()) > z_threshold
-    llm_outlier = ((stats["llm"].z(evidence["llm_norm"].to_numpy()) > z_threshold)
-                   & (stats["peak"].z(evidence["llm_peak"].to_numpy()) > z_threshold))
-    exploded = evidence[["image_id", "topk_ids"]].assign(vision_outlier=vision_outlier, llm_outlier=llm_outlier)
+def discover_anchors(evidence: pd.DataFrame, rule: TokenRule, consistency: dict[int, float], tokenizer,
+                     min_share: float, min_coverage: float) -> list[Anchor]:
+    """Image-agnostic nearest-vocabulary ids, each with the role its tokens' outliers (by `rule`) suggest."""
+    outliers = rule.outliers(evidence)
+    exploded = evidence[["image_id", "topk_ids"]].assign(vision_outlier=outliers["vit"], llm_outlier=outliers["llm"])
     exploded = exploded.explode("topk_ids").rename(columns={"topk_ids": "id"})
     num_tokens, num_images = len(evidence), evidence["image_id"].nunique()
     per_id = exploded.groupby("id").agg(tokens=("image_id", "size"), images=("image_id", "nunique"),
@@ -258,7 +255,23 @@ def discover_anchors(evidence: pd.DataFrame, consistency: dict[int, float], toke
         role = ("sink_vit" if row.vision_outliers > 0.5 else "sink_llm" if row.llm_outliers > 0.5 else "dead")
         anchors.append(Anchor(int(token_id), tokenizer.decode([int(token_id)]), role, row.tokens / num_tokens,
                               row.images / num_images, consistency.get(int(token_id), float("nan"))))
-    return anchors, stats
+    return anchors
+
+
+def discover_rule(evidence: pd.DataFrame, groups: dict[str, torch.Tensor], tokenizer, config: TokensConfig) -> TokenRule:
+    """The auto rule fitted to a run's evidence: norm statistics, anchors, typicality split, sink prototypes."""
+    stats = {name: RobustStats.of(evidence[column].to_numpy()) for name, column in EVIDENCE_COLUMNS.items()}
+    rule = TokenRule("auto", config.topk, [], config.z_threshold, stats, sink_consistency=config.sink_consistency)
+    rule.anchors = discover_anchors(evidence, rule, group_consistency(groups), tokenizer, config.min_share,
+                                    config.min_coverage)
+    units = unit_sketches(evidence)
+    rule.mean_direction = mean_direction(units)
+    rule.typicality_threshold = round(float(threshold_otsu(rule.typicality(evidence))), 6)
+    image_ids = evidence["image_id"].to_numpy()
+    rule.sink_prototypes = {source: recurring_directions(units[mask], image_ids[mask], config.sink_consistency,
+                                                         config.min_coverage, len(set(image_ids)))
+                            for source, mask in rule.outliers(evidence).items()}
+    return rule
 
 
 # --- the analysis -------------------------------------------------------------------
@@ -317,17 +330,7 @@ def analyze_tokens(loaded: LoadedModel, images: ImageSet, out: str, config: Toke
                    for token_id, role in ((vit, "sink_vit"), (llm, "sink_llm"), (dead, "dead"))]
         rule = TokenRule("embedlens", config.topk, anchors, config.z_threshold)
     else:
-        anchors, stats = discover_anchors(evidence, group_consistency(groups), tokenizer, config.z_threshold,
-                                          config.min_share, config.min_coverage)
-        rule = TokenRule("auto", config.topk, anchors, config.z_threshold, stats,
-                         sink_consistency=config.sink_consistency)
-        units = unit_sketches(evidence)
-        rule.mean_direction = mean_direction(units)
-        rule.typicality_threshold = round(float(threshold_otsu(rule.typicality(evidence))), 6)
-        image_ids = evidence["image_id"].to_numpy()
-        rule.sink_prototypes = {source: recurring_directions(units[mask], image_ids[mask], config.sink_consistency,
-                                                             config.min_coverage, evidence["image_id"].nunique())
-                                for source, mask in rule.outliers(evidence).items()}
+        rule = discover_rule(evidence, groups, tokenizer, config)
     table = pd.concat([evidence, rule.classify(evidence)], axis=1)
     store.write_table("tokens", table)
     summary = summarise(table, rule) | {"evidence_layers": asdict(layers),

@@ -20,6 +20,7 @@ from analyses.tokens import TokenRule
 from apps.compute import ImageReport, explain_image, model_fingerprint, safe_name
 from workbench.errors import InputError, WorkbenchError
 from workbench.models import loading
+from workbench.models.default_model import default_cache_dir
 
 MODEL_KEY = "model_name"  # what the sidebar asks for
 ACTIVE_MODEL_KEY = "active_model"  # the last model that loaded
@@ -30,10 +31,8 @@ RULE_FILE = "token_rule.json"  # shipped beside the default model's trained weig
 
 
 def cache_root() -> Path:
-    """`$WB_CACHE_DIR`, else `$XDG_CACHE_HOME/multimodal-workbench` (~/.cache), as the default model uses."""
-    if os.environ.get("WB_CACHE_DIR"):
-        return Path(os.environ["WB_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "multimodal-workbench"
+    """The workbench's cache folder: where the default model is cached, one level up."""
+    return default_cache_dir().parent
 
 
 # --- models -----------------------------------------------------------------------------
@@ -112,7 +111,7 @@ def get_rule(_loaded: loading.LoadedModel, key: str) -> TokenRule:
     made once into the cache folder (and read back from there afterwards)."""
     from analyses.tokens import analyze_tokens
     from workbench.data.image_sets import resolve_image_set
-    from workbench.models.default_model import DEFAULT_WEIGHTS_DIR
+    from workbench.models.default_model import DEFAULT_WEIGHTS_DIR  # read at call time: tests point it elsewhere
     from workbench.store import RunStore
 
     shipped = DEFAULT_WEIGHTS_DIR / RULE_FILE

@@ -64,6 +64,15 @@ def nearest_vocabulary(
     return similarity.topk(top_k, dim=-1)
 
 
+def vocabulary_neighbours(loaded: LoadedModel, vectors: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nearest_vocabulary` against the LLM's input embeddings, on CPU, never returning the image token."""
+    embedding_matrix = loaded.adapter.embed_tokens.weight.detach()
+    with torch.no_grad():
+        scores, ids = nearest_vocabulary(vectors.to(embedding_matrix.device), embedding_matrix, top_k,
+                                         exclude=[loaded.adapter.image_token_id])
+    return scores.cpu(), ids.cpu()
+
+
 def spread_indices(count: int, how_many: int) -> list[int]:
     """`how_many` token indices spread evenly over `count` tokens (always including the first and last)."""
     if how_many >= count:
@@ -93,10 +102,9 @@ def inspect_image(
     traced = capture(loaded, inputs, CaptureSpec(projector=True, embeddings=True, llm_layers="all"))
     (layout,) = traced.layouts
     tokenizer = loaded.processor.tokenizer
-    embedding_matrix = loaded.adapter.embed_tokens.weight.detach().cpu()
     chosen = spread_indices(layout.num_tokens, num_tokens)
     vectors = traced.projector[chosen]
-    scores, ids = nearest_vocabulary(vectors, embedding_matrix, top_k)
+    scores, ids = vocabulary_neighbours(loaded, vectors, top_k)
     nearest = [
         TokenNeighbours(
             index=index,

@@ -59,6 +59,15 @@ def _atomic_write(path: Path, write) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def _write_parquet(path: Path, table: pd.DataFrame) -> None:
+    _atomic_write(path, lambda target: table.to_parquet(target, index=False))
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    _atomic_write(path, lambda target: save_file(contiguous, str(target)))
+
+
 def write_json(path: Path, value: Any) -> None:
     _atomic_write(path, lambda target: target.write_text(json.dumps(value, indent=2, default=str) + "\n"))
 
@@ -81,9 +90,7 @@ class RunStore:
         if path.exists():
             manifest = cls._read_manifest(path)
             cls._check_same_run(folder, manifest, identity)
-            store = cls(folder, manifest)
-            store.manifest["resumed"] = store.manifest.get("resumed", 0) + (store.status != "complete")
-            return store
+            return cls(folder, manifest)
         if folder.exists() and any(folder.iterdir()):
             raise InputError(f"{folder} is not empty and has no {MANIFEST}; choose a new folder for the run")
         (folder / PARTS).mkdir(parents=True, exist_ok=True)
@@ -157,7 +164,7 @@ class RunStore:
 
     def write_table(self, name: str, table: pd.DataFrame) -> Path:
         path = self.folder / f"{name}.parquet"
-        _atomic_write(path, lambda target: table.to_parquet(target, index=False))
+        _write_parquet(path, table)
         return path
 
     def read_table(self, name: str) -> pd.DataFrame:
@@ -168,8 +175,7 @@ class RunStore:
 
     def write_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> Path:
         path = self.folder / f"{name}.safetensors"
-        contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-        _atomic_write(path, lambda target: save_file(contiguous, str(target)))
+        _write_safetensors(path, tensors)
         return path
 
     def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
@@ -200,10 +206,9 @@ class RunStore:
     def write_part(self, name: str, index: int, table: pd.DataFrame,
                    tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         """One finished batch: its table, optional tensors, then a marker saying both are complete."""
-        _atomic_write(self._part(name, index, ".parquet"), lambda target: table.to_parquet(target, index=False))
+        _write_parquet(self._part(name, index, ".parquet"), table)
         if tensors:
-            contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-            _atomic_write(self._part(name, index, ".safetensors"), lambda target: save_file(contiguous, str(target)))
+            _write_safetensors(self._part(name, index, ".safetensors"), tensors)
         _atomic_write(self._part(name, index, ".done"), lambda target: target.write_text(""))
 
     def read_part(self, name: str, index: int) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:

@@ -77,6 +77,13 @@ class Capture:
         """Real (non-padding) tokens that are not visual."""
         return self.attention_mask.bool() & ~self.visual_mask
 
+    @property
+    def after_image_mask(self) -> torch.Tensor:
+        """Real tokens after each row's last visual token: the text that can read the image."""
+        positions = torch.arange(self.input_ids.shape[1])
+        last_visual = torch.where(self.visual_mask, positions, -1).amax(1, keepdim=True)
+        return (positions > last_visual) & self.attention_mask.bool()
+
     def visual(self, layer: int | Literal["embeddings"]) -> torch.Tensor:
         """Visual tokens of a captured layer as [num_visual_tokens, d], whatever `tokens` was."""
         states = self.embeddings if layer == "embeddings" else self.hidden[layer]
