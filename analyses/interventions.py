@@ -6,10 +6,11 @@ Validates what the tokens, alignment and similarity analyses recommend. Conditio
   the same image (matched control);
 - skip the attention or the MLP update of visual tokens at `skip_layers`;
 - cut visual->visual attention at every layer;
-- exit: no query sees visual tokens from layer X on, for X in `exit_layers`;
+- exit: the visual tokens leave the sequence before layer X, for X in `exit_layers`;
 - late injection: visual tokens enter at layer L (text keeps its positions), for L in `inject_layers`.
-Removal keeps every other token's position id. Each condition's result is stored as it finishes,
-so an interrupted run resumes at the next condition.
+Removal, exit and injection run the model under a token schedule (`efficient_models.scheduled_llm`),
+so every other token keeps its position id; skipping and cutting attention use hook interventions.
+Each condition's result is stored as it finishes, so an interrupted run resumes at the next condition.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from analyses.tokens import token_rule
-from analyses.vqa_conditions import TokenCategories, accuracy_under, fixed, removal
+from analyses.vqa_conditions import TokenCategories, accuracy_under, hooked, removal, scheduled
+from efficient_models.schedule import TokenSchedule
 from workbench.data.image_sets import ImageSet
-from workbench.evaluation.vqa import InterventionFor, select_questions
+from workbench.evaluation.vqa import Generator, select_questions
 from workbench.interventions import Intervention
 from workbench.models.loading import LoadedModel
 from workbench.store import RunStore
@@ -46,24 +48,25 @@ class InterventionsConfig:
 
 
 def conditions(loaded: LoadedModel, categories: TokenCategories, layers: dict[str, list[int]]
-               ) -> dict[str, InterventionFor | None]:
+               ) -> dict[str, Generator | None]:
+    num_layers = loaded.adapter.num_llm_layers
     skip = frozenset(layers["skip_layers"])
     span = f"layers {min(skip)}-{max(skip)}" if skip else "no layers"
-    result: dict[str, InterventionFor | None] = {
+    result: dict[str, Generator | None] = {
         "all tokens": None,
         "no visual tokens": removal(loaded, categories, ("sink", "dead", "alive")),
     }
     for category in ("sink", "dead", "alive"):
         result[f"remove {category}"] = removal(loaded, categories, (category,))
         result[f"remove random, as many as {category}"] = removal(loaded, categories, (category,), random_control=True)
-    result[f"skip visual attention, {span}"] = fixed(Intervention(skip_attention=skip))
-    result[f"skip visual MLP, {span}"] = fixed(Intervention(skip_mlp=skip))
-    every_layer = frozenset(range(loaded.adapter.num_llm_layers))
-    result["no visual->visual attention"] = fixed(Intervention(block_visual_to_visual=every_layer))
+    result[f"skip visual attention, {span}"] = hooked(loaded, Intervention(skip_attention=skip))
+    result[f"skip visual MLP, {span}"] = hooked(loaded, Intervention(skip_mlp=skip))
+    every_layer = frozenset(range(num_layers))
+    result["no visual->visual attention"] = hooked(loaded, Intervention(block_visual_to_visual=every_layer))
     for layer in layers["exit_layers"]:
-        result[f"exit at layer {layer}"] = fixed(Intervention(exit_layer=layer))
+        result[f"exit at layer {layer}"] = scheduled(loaded, TokenSchedule(num_layers, exit_layer=layer))
     for layer in layers["inject_layers"]:
-        result[f"inject at layer {layer}"] = fixed(Intervention(inject_layer=layer))
+        result[f"inject at layer {layer}"] = scheduled(loaded, TokenSchedule(num_layers, inject_layer=layer))
     return result
 
 

@@ -5,7 +5,8 @@ Per layer l (0-indexed, state after decoder layer l), averaged over images:
 - `visual_self_cos`, `text_self_cos`: cosine between a token's state before and after layer l
   (1 = the layer left it alone), for visual tokens and for the text after the image;
 - `vision_effect`: 1 - cosine between the post-image text states with and without access to
-  the image (the "without" run cuts every text->visual attention edge; positions unchanged).
+  the image (the "without" run is a token schedule whose visual tokens exit before layer 0:
+  the text alone, at its positions in the full prompt).
 
 Recommendations (fractions are config values, written with the result):
 - injection layer E: the first layer where `vision_effect` reaches `onset` of its maximum;
@@ -18,7 +19,7 @@ Recommendations (fractions are config values, written with the result):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import pandas as pd
@@ -28,9 +29,10 @@ from PIL import Image
 
 from analyses.runner import run_batches
 from analyses.token_evidence import ANALYSIS_PROMPT
+from efficient_models.schedule import TokenSchedule
+from efficient_models.scheduled_llm import ScheduledLLM
 from workbench.data.image_sets import ImageItem, ImageSet
 from workbench.errors import InputError
-from workbench.interventions import Intervention, intervene
 from workbench.models.inputs import build_inputs
 from workbench.models.loading import LoadedModel
 from workbench.store import RunStore
@@ -55,14 +57,24 @@ def _self_cos(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(before.float(), after.float(), dim=-1)
 
 
+@torch.no_grad()
+def text_only_layers(loaded: LoadedModel, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Each layer's output [batch, seq, d] on the CPU (as `capture` gives them) when no layer sees the image;
+    zeros at the visual tokens."""
+    adapter = loaded.adapter
+    engine = ScheduledLLM(adapter, TokenSchedule(adapter.num_llm_layers, exit_layer=0))
+    output = engine.forward(adapter.input_embeddings(inputs), inputs["input_ids"], inputs["attention_mask"],
+                            layer_outputs=True)
+    return [states.cpu() for states in output.layer_outputs]
+
+
 def layer_similarity(loaded: LoadedModel, items: Sequence[ImageItem], images: Sequence[Image.Image],
                      prompt: str) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """One row per (image, layer) with the three measures of the module docstring."""
     inputs = build_inputs(loaded.processor, images, [prompt] * len(images), device=loaded.device)
     spec = CaptureSpec(embeddings=True, llm_layers="all")
     with_image = capture(loaded, inputs, spec)
-    with intervene(loaded, inputs, Intervention(exit_layer=0)):
-        without_image = capture(loaded, inputs, spec)
+    without_image = text_only_layers(loaded, inputs)
     text = with_image.after_image_mask
     rows = []
     for sample, item in enumerate(items):
@@ -70,7 +82,7 @@ def layer_similarity(loaded: LoadedModel, items: Sequence[ImageItem], images: Se
         previous = with_image.embeddings[sample]
         for layer in sorted(with_image.hidden):
             states = with_image.hidden[layer][sample]
-            blind = without_image.hidden[layer][sample]
+            blind = without_image[layer][sample]
             rows.append({
                 "image_id": item.id, "layer": layer,
                 "visual_self_cos": float(_self_cos(previous[visual], states[visual]).mean()),

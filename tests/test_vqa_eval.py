@@ -1,6 +1,7 @@
 """VQA evaluation: answer matching, question selection, references, batched generation, `wb eval vqa`."""
 
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -9,11 +10,13 @@ import torch
 from workbench.data.probe_scenes import QUESTION_TYPES, QAPair
 from workbench.errors import InputError
 from workbench.evaluation.vqa import (
+    evaluate_vqa,
     generate_answers,
     is_correct,
     majority_answers,
     normalise_answer,
     projector_zeroed,
+    scene_id,
     select_questions,
     type_quotas,
 )
@@ -118,6 +121,25 @@ def test_batched_generation_equals_one_by_one(default_model):
     one_by_one = [generate_answers(default_model, [image], [prompt], max_new_tokens=4)[0]
                   for image, prompt in zip(images, prompts)]
     assert batched == one_by_one
+
+
+def test_a_generator_gives_the_answers_and_the_no_vision_run_can_be_skipped(default_model):
+    calls, progress = [], []
+
+    def always_yes(inputs, image_ids, max_new_tokens):
+        calls.append((list(image_ids), max_new_tokens, inputs["input_ids"].shape[0]))
+        return ["Yes."] * len(image_ids)
+
+    report = evaluate_vqa(default_model, n=12, batch_size=5, max_new_tokens=3, generator=always_yes,
+                          references=False, progress=lambda done, total: progress.append((done, total)))
+    questions = select_questions("test", 12)
+    assert [ids for ids, _, _ in calls] == [[scene_id(scene) for scene, _ in questions[start:start + 5]]
+                                            for start in range(0, 12, 5)]
+    assert all(tokens == 3 and rows == len(ids) for ids, tokens, rows in calls)
+    assert progress[-1] == (12, 12)
+    assert report.overall.model == sum(is_correct("Yes.", pair.answer) for _, pair in questions) / 12
+    assert math.isnan(report.overall.no_vision) and all(math.isnan(row.no_vision) for row in report.by_type.values())
+    assert all(example.no_vision_prediction is None for examples in report.examples.values() for example in examples)
 
 
 def test_wb_eval_vqa_json(default_model, run_wb):

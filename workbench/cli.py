@@ -85,6 +85,45 @@ def supported() -> None:
         print(model_type)
 
 
+@bench_app.callback(invoke_without_command=True)
+def bench(
+    ctx: typer.Context,
+    variants: str = typer.Option("dense,fastv,pdrop", help="Comma-separated: dense, fastv, pdrop, fastv-matched "
+                                                           "(FastV at HiDrop's visual tokens per layer), hidrop "
+                                                           "(trained run), hidrop-dropin (its schedule, dense weights)."),
+    hidrop_run: Path | None = typer.Option(None, "--hidrop-run", help="A finished `wb train hidrop` run folder."),
+    hidrop_config: Path | None = typer.Option(None, "--hidrop-config",
+                                              help="HiDrop config YAML for hidrop-dropin and fastv-matched "
+                                                   "(default: the run's config.yaml)."),
+    n: int = typer.Option(120, "--n", min=1, help="Probe-scene questions for accuracy."),
+    split: str = typer.Option("test", help="train, val or test."),
+    batch_size: int = typer.Option(8, min=1, help="Questions per batch; the timed batch is the first one."),
+    repeats: int = typer.Option(5, min=1, help="Timed repeats (medians are reported)."),
+    decode_steps: int = typer.Option(16, min=1, help="Greedy steps timed for decode throughput."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for bench.json and the accuracy-vs-FLOPs plot."),
+    model: str = MODEL_OPTION,
+) -> None:
+    """Dense vs token schedules on the same inputs: accuracy, counted FLOPs, speed and memory ratios to dense."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from efficient_models.bench import build_variants, print_report, run_probe_benchmark, write_report
+
+    names = [name.strip() for name in variants.split(",") if name.strip()]
+    with status_console.status(f"loading {model} for {', '.join(names)} ..."):
+        built = build_variants(names, model, hidrop_run, hidrop_config)
+    with Progress(console=status_console, transient=True) as progress:
+        task = progress.add_task("benchmark", total=None)
+        report = run_probe_benchmark(built, split=split, n=n, batch_size=batch_size, repeats=repeats,
+                                     decode_steps=decode_steps,
+                                     progress=lambda stage, done, total: progress.update(
+                                         task, description=stage, completed=done, total=total))
+    for note in report.notes:
+        status_console.print(f"[yellow]note:[/] {note}")
+    print_report(report, console)
+    json_path, plot_path = write_report(report, out)
+    console.print(f"wrote {json_path} and {plot_path}")
+
+
 @bench_app.command("trace")
 def bench_trace(
     model: str = MODEL_OPTION,
@@ -203,17 +242,64 @@ def train_default(
                       "load_model('default') applies them")
 
 
+@train_app.command("hidrop")
+def train_hidrop(
+    config: Path = typer.Option(..., "--config", help="A hidrop config from `wb export-config --method hidrop`."),
+    recipe: Path | None = typer.Option(None, "--recipe", help="Fine-tuning recipe YAML (default: the shipped one)."),
+    init: str = typer.Option("dense", "--init", help="dense: start from the trained default model."),
+    out: Path = typer.Option(Path("runs/train-hidrop"), "--out", help="Run folder."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint, or start over."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Override the recipe's number of steps."),
+    smoke: bool = typer.Option(False, "--smoke", help="4 steps on 8 scenes: checks the wiring, times steps."),
+) -> None:
+    """Fine-tune the default model (projector + LoRA) with a HiDrop schedule active."""
+    from efficient_models.hidrop_training import DEFAULT_RECIPE, load_recipe, smoke_recipe, train_hidrop
+    from workbench.configs import HiDropConfig, load_config
+
+    schedule_config = load_config(config)
+    if not isinstance(schedule_config, HiDropConfig):
+        raise WorkbenchError(f"{config} is a {schedule_config.method!r} config; `wb train hidrop` needs a hidrop one")
+    settings = load_recipe(recipe or DEFAULT_RECIPE)
+    if init != settings.init:
+        raise WorkbenchError(f"--init {init!r} is not available; the recipe starts from {settings.init!r}")
+    if steps is not None:
+        settings = settings.model_copy(update={"optimisation": settings.optimisation.model_copy(update={"steps": steps})})
+    settings = smoke_recipe(settings) if smoke else settings
+    try:
+        run = train_hidrop(schedule_config, settings, out, resume=resume)
+    except KeyboardInterrupt:
+        status_console.print(f"interrupted; `wb train hidrop --config {config} --out {out}` continues")
+        raise typer.Exit(130) from None
+    record = run.result.record
+    console.print(f"{run.schedule.describe(run.num_visual)}: {record.step} steps, "
+                  f"median {run.result.median_step_seconds:.2f} s/step, loss {record.losses[0]:.3f} -> "
+                  f"{record.losses[-1]:.3f}; run folder {run.run_dir}")
+
+
 @app.command("export-config")
 def export_config(
     run: Path = typer.Option(..., "--run", help="A finished analysis run folder."),
     method: str = typer.Option(..., "--method", help="prune (tokens run), injection (alignment or similarity run), "
                                                      "hidrop or vica (similarity run)."),
     out: Path = typer.Option(..., "--out", help="The YAML file to write."),
+    token_budget: float | None = typer.Option(
+        None, "--token-budget", min=0.0, max=1.0,
+        help="hidrop: keep the run's entry and exit layers and fit a concave schedule to this share of dense "
+             "visual-token-layers (e.g. 0.1, like HiDrop's Tok48)."),
 ) -> None:
     """Write what a run found as a validated, versioned config for an efficient model."""
-    from workbench.configs import export_config as export, load_config
+    from workbench.configs import build_config, load_config, write_config
 
-    path = export(run, method, out)
+    config = build_config(run, method)
+    if token_budget is not None:
+        from efficient_models.schedule import from_config, with_token_budget
+
+        if method != "hidrop":
+            raise WorkbenchError("--token-budget applies to --method hidrop")
+        config = with_token_budget(config, token_budget)
+        share = from_config(config).token_layer_fraction(576)
+        console.print(f"concave schedule, power {config.schedule_power}: {share:.1%} of dense visual-token-layers")
+    path = write_config(config, out)
     load_config(path)  # what training will read must validate
     console.print(f"wrote {path}")
 

@@ -1,15 +1,14 @@
-"""Change how an LLM treats visual tokens, for one batch, through hooks (works with `generate`).
+"""Change how an LLM's layers treat visual tokens, for one batch, through hooks (works with `generate`).
 
 An `Intervention` says what to do; `intervene(loaded, inputs, intervention)` applies it while
-inside. Everything is expressed through the attention mask and sublayer outputs, so position ids
-never change: a removed token leaves its position empty, as in the EmbedLens reference.
+inside. Every visual token stays in the sequence and keeps its position; only sublayer outputs
+and attention edges change:
 
-- `removed`: a [batch, seq] mask of visual tokens that no query may attend to, at any layer;
-- `inject_layer` L: text cannot see visual tokens in layers < L, and at layer L the visual
-  tokens' hidden states are reset to the raw projector output (late / mid-layer injection);
-- `exit_layer` X: from layer X on no query sees visual tokens (visual tokens dropped);
 - `skip_attention` / `skip_mlp`: layers whose attention / MLP update of visual tokens is zeroed;
 - `block_visual_to_visual` / `block_text_to_visual`: layers where those attention edges are cut.
+
+Changing *which* visual tokens a layer sees (late entry, early exit, pruning, removing tokens)
+is `efficient_models.scheduled_llm`'s job: the one implementation of token sets.
 
 Layers are 0-indexed decoder layers. Needs eager or SDPA attention (FlashAttention takes no mask).
 """
@@ -28,47 +27,30 @@ from workbench.models.loading import LoadedModel
 
 @dataclass(frozen=True)
 class Intervention:
-    removed: torch.Tensor | None = None  # [batch, seq] bool, over the prompt
-    inject_layer: int = 0
-    exit_layer: int | None = None
     skip_attention: frozenset[int] = field(default_factory=frozenset)
     skip_mlp: frozenset[int] = field(default_factory=frozenset)
     block_visual_to_visual: frozenset[int] = field(default_factory=frozenset)
     block_text_to_visual: frozenset[int] = field(default_factory=frozenset)
 
     def check(self, num_layers: int) -> None:
-        layers = [self.inject_layer, *self.skip_attention, *self.skip_mlp, *self.block_visual_to_visual,
-                  *self.block_text_to_visual] + ([] if self.exit_layer is None else [self.exit_layer])
-        bad = sorted({layer for layer in layers if not 0 <= layer < num_layers + 1})
+        layers = self.skip_attention | self.skip_mlp | self.block_visual_to_visual | self.block_text_to_visual
+        bad = sorted(layer for layer in layers if not 0 <= layer < num_layers)
         if bad:
             raise InputError(f"intervention layers {bad} out of range: the LLM has {num_layers} layers (0-indexed)")
 
 
-class _Masks:
-    """Which (query, key) pairs the intervention cuts at one layer, for keys 0..k-1 of the batch."""
-
-    def __init__(self, visual: torch.Tensor, removed: torch.Tensor):
-        self.visual, self.removed = visual, removed  # [batch, prompt_len] bool
-
-    def key_kinds(self, key_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(visual, removed) over all keys; tokens generated after the prompt are text."""
-        extra = key_len - self.visual.shape[1]
-        pad = self.visual.new_zeros(self.visual.shape[0], extra)
-        return torch.cat([self.visual, pad], 1), torch.cat([self.removed, pad], 1)
-
-    def blocked(self, layer: int, query_len: int, key_len: int, intervention: Intervention) -> torch.Tensor | None:
-        visual_keys, removed_keys = self.key_kinds(key_len)
-        visual_queries = visual_keys[:, key_len - query_len:]
-        cut = removed_keys[:, None, :].expand(-1, query_len, -1).clone()
-        every_query = layer < intervention.inject_layer or (
-            intervention.exit_layer is not None and layer >= intervention.exit_layer)
-        if every_query:
-            cut |= visual_keys[:, None, :]
-        if layer in intervention.block_visual_to_visual:
-            cut |= visual_queries[:, :, None] & visual_keys[:, None, :]
-        if layer in intervention.block_text_to_visual:
-            cut |= ~visual_queries[:, :, None] & visual_keys[:, None, :]
-        return cut[:, None] if cut.any() else None  # [batch, 1, query, key]
+def _blocked(visual: torch.Tensor, layer: int, query_len: int, key_len: int,
+             intervention: Intervention) -> torch.Tensor | None:
+    """The (query, key) pairs cut at `layer` [batch, 1, query, key], or None; `visual` covers the prompt."""
+    # Tokens generated after the prompt are text.
+    visual_keys = torch.cat([visual, visual.new_zeros(visual.shape[0], key_len - visual.shape[1])], 1)
+    visual_queries = visual_keys[:, key_len - query_len:]
+    cut = visual_keys.new_zeros(visual.shape[0], query_len, key_len)
+    if layer in intervention.block_visual_to_visual:
+        cut |= visual_queries[:, :, None] & visual_keys[:, None, :]
+    if layer in intervention.block_text_to_visual:
+        cut |= ~visual_queries[:, :, None] & visual_keys[:, None, :]
+    return cut[:, None] if cut.any() else None
 
 
 def _with_cut(mask: torch.Tensor | None, cut: torch.Tensor, query_len: int, key_len: int, eager: bool,
@@ -94,27 +76,17 @@ def intervene(loaded: LoadedModel, inputs: Mapping[str, torch.Tensor], intervent
     if implementation not in ("eager", "sdpa"):
         raise InputError(f"interventions need eager or sdpa attention, not {implementation!r}")
     visual = adapter.visual_token_mask(inputs["input_ids"])
-    removed = intervention.removed.to(visual.device) if intervention.removed is not None else torch.zeros_like(visual)
-    masks = _Masks(visual, removed & visual)
     prompt_len = visual.shape[1]
-    raw_visual: dict[str, torch.Tensor] = {}
+    blocking = intervention.block_visual_to_visual | intervention.block_text_to_visual
     handles = []
 
-    def before_layer(layer: int):
+    def cut_edges(layer: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             query_len = hidden.shape[1]
             cache = kwargs.get("past_key_values")
-            past = cache.get_seq_length(layer) if cache is not None else 0
-            key_len = past + query_len
-            if layer == 0 and past == 0:
-                raw_visual["states"] = hidden[visual].clone()
-            if layer == intervention.inject_layer and layer > 0 and past == 0:
-                hidden = hidden.clone()
-                hidden[visual] = raw_visual["states"]
-                args = (hidden, *args[1:]) if args else args
-                kwargs = kwargs if args else kwargs | {"hidden_states": hidden}
-            cut = masks.blocked(layer, query_len, key_len, intervention)
+            key_len = query_len + (cache.get_seq_length(layer) if cache is not None else 0)
+            cut = _blocked(visual, layer, query_len, key_len, intervention)
             if cut is not None:
                 kwargs = kwargs | {"attention_mask": _with_cut(kwargs.get("attention_mask"), cut, query_len, key_len,
                                                                implementation == "eager", hidden.dtype)}
@@ -130,7 +102,8 @@ def intervene(loaded: LoadedModel, inputs: Mapping[str, torch.Tensor], intervent
 
     try:
         for layer, block in enumerate(adapter.llm_layers):
-            handles.append(block.register_forward_pre_hook(before_layer(layer), with_kwargs=True))
+            if layer in blocking:
+                handles.append(block.register_forward_pre_hook(cut_edges(layer), with_kwargs=True))
             if layer in intervention.skip_attention:
                 handles.append(block.self_attn.register_forward_hook(zero_visual_update))
             if layer in intervention.skip_mlp:

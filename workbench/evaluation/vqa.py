@@ -1,15 +1,18 @@
 """Exact-match VQA accuracy on probe scenes: the benchmark every efficient model is judged on.
 
 `evaluate_vqa` asks a model questions about probe scenes of one split and scores its greedy
-answers by exact match after a light normalisation (`normalise_answer`). Two references are
-measured on the same questions in the same run, so a score can be read against them:
+answers by exact match after a light normalisation (`normalise_answer`). The answers come from a
+`Generator` (default: the loaded model's own `generate_text`), so any way of running the model
+(an efficient model, a hooked one) is scored the same way. Two references are measured on the
+same questions in the same run, so a score can be read against them:
 
 - majority: per question type, the most common answer of that type over the first
   `MAJORITY_TRAIN_SCENES` train scenes (what a model that ignores both image and question
   wording can reach);
 - no vision: the same model with its projector output replaced by zeros, so the LLM sees
   the prompt and the visual-token positions but no visual content (what language priors
-  alone reach).
+  alone reach). It runs the loaded model itself, whatever the generator; `references=False`
+  skips it (its accuracy is then NaN).
 
 The prompt is the question exactly as the probe scenes phrase it, inside the model's chat
 template with one image (`build_inputs`).
@@ -40,7 +43,6 @@ from workbench.data.probe_scenes import (
     scene_seed,
 )
 from workbench.errors import InputError
-from workbench.interventions import Intervention, intervene
 from workbench.models.inputs import build_inputs
 from workbench.models.loading import LoadedModel
 
@@ -50,8 +52,9 @@ NUMBER_WORDS = {word: str(value) for value, word in enumerate(
     ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"))}
 
 Question = tuple[ProbeScene, QAPair]
-Progress = Callable[[int, int], None]  # (questions answered, total), over both model runs
-InterventionFor = Callable[[BatchFeature, Sequence[str]], Intervention]  # (batch, image ids) -> what to change
+Progress = Callable[[int, int], None]  # (questions answered, total), over all model runs
+# (inputs of one batch, the ids of its images, max new tokens) -> one answer per row
+Generator = Callable[[BatchFeature, Sequence[str], int], list[str]]
 
 
 def scene_id(scene: ProbeScene) -> str:
@@ -132,17 +135,13 @@ def train_majority_answers(num_scenes: int = MAJORITY_TRAIN_SCENES) -> dict[str,
 # --- generation -------------------------------------------------------------------
 
 def generate_answers(loaded: LoadedModel, images: Sequence[Image.Image], prompts: Sequence[str],
-                     max_new_tokens: int, intervention: InterventionFor | None = None,
+                     max_new_tokens: int, generator: Generator | None = None,
                      image_ids: Sequence[str] = ()) -> list[str]:
-    """Greedy answers for one left-padded batch; each row stops at its end-of-sequence token.
-
-    With `intervention`, the answers are generated under the `Intervention` it returns for this
-    batch (given the batch and the ids of its images)."""
+    """Greedy answers for one left-padded batch from `generator` (None: `loaded.generate_text`)."""
     inputs = build_inputs(loaded.processor, images, prompts, device=loaded.device)
-    if intervention is None:
+    if generator is None:
         return loaded.generate_text(inputs, max_new_tokens)
-    with intervene(loaded, inputs, intervention(inputs, image_ids)):
-        return loaded.generate_text(inputs, max_new_tokens)
+    return generator(inputs, image_ids, max_new_tokens)
 
 
 @contextmanager
@@ -157,13 +156,13 @@ def projector_zeroed(loaded: LoadedModel) -> Iterator[None]:
 
 def answer_questions(loaded: LoadedModel, questions: Sequence[Question], batch_size: int, max_new_tokens: int,
                      on_batch: Callable[[int], None] = lambda answered: None,
-                     intervention: InterventionFor | None = None) -> list[str]:
+                     generator: Generator | None = None) -> list[str]:
     """The model's answer to each question, in order, `batch_size` questions per generate call."""
     answers: list[str] = []
     for start in range(0, len(questions), batch_size):
         batch = questions[start:start + batch_size]
         answers += generate_answers(loaded, [scene.image for scene, _ in batch], [pair.question for _, pair in batch],
-                                    max_new_tokens, intervention, [scene_id(scene) for scene, _ in batch])
+                                    max_new_tokens, generator, [scene_id(scene) for scene, _ in batch])
         on_batch(len(batch))
     return answers
 
@@ -185,7 +184,7 @@ class Example:
     question: str
     answer: str
     prediction: str
-    no_vision_prediction: str
+    no_vision_prediction: str | None  # None: the no-vision reference was not run
     majority_answer: str
     correct: bool
 
@@ -206,18 +205,19 @@ class VQAReport:
         return asdict(self)
 
 
-def score(questions: Sequence[Question], predictions: Sequence[str], blind: Sequence[str],
+def score(questions: Sequence[Question], predictions: Sequence[str], blind: Sequence[str | None],
           majority: dict[str, str]) -> Score:
-    """Accuracies of the model, its no-vision run and the majority answers on the same questions."""
+    """Accuracies of the model, its no-vision run (NaN where it was not run) and the majority answers."""
     def accuracy(guesses: Iterable[str]) -> float:
         return sum(is_correct(guess, pair.answer) for guess, (_, pair) in zip(guesses, questions)) / len(questions)
 
-    return Score(len(questions), accuracy(predictions), accuracy(blind),
+    no_vision = float("nan") if None in blind else accuracy(blind)
+    return Score(len(questions), accuracy(predictions), no_vision,
                  accuracy(majority.get(pair.type, "") for _, pair in questions))
 
 
 def build_report(loaded: LoadedModel, split: str, questions: Sequence[Question], predictions: Sequence[str],
-                 blind: Sequence[str], majority: dict[str, str], seconds: float) -> VQAReport:
+                 blind: Sequence[str | None], majority: dict[str, str], seconds: float) -> VQAReport:
     rows = list(zip(questions, predictions, blind))
     by_type: dict[str, Score] = {}
     examples: dict[str, list[Example]] = {}
@@ -238,8 +238,12 @@ def build_report(loaded: LoadedModel, split: str, questions: Sequence[Question],
 
 
 def evaluate_vqa(loaded: LoadedModel, split: str = "test", n: int = 500, batch_size: int = 8,
-                 max_new_tokens: int = 8, progress: Progress | None = None) -> VQAReport:
-    """Score `loaded` on `n` questions of `split` (`select_questions`), with both references."""
+                 max_new_tokens: int = 8, progress: Progress | None = None, generator: Generator | None = None,
+                 references: bool = True) -> VQAReport:
+    """Score `generator`'s answers (None: `loaded` as it is) on `n` questions of `split` (`select_questions`).
+
+    With `references`, the no-vision run of `loaded` too; the majority answers are always scored.
+    """
     if n < 1 or batch_size < 1:
         raise InputError(f"n and batch size must be at least 1 (got n={n}, batch size={batch_size})")
     started = time.perf_counter()
@@ -251,9 +255,11 @@ def evaluate_vqa(loaded: LoadedModel, split: str = "test", n: int = 500, batch_s
         nonlocal answered
         answered += batch
         if progress is not None:
-            progress(answered, 2 * len(questions))
+            progress(answered, (2 if references else 1) * len(questions))
 
-    predictions = answer_questions(loaded, questions, batch_size, max_new_tokens, count)
-    with projector_zeroed(loaded):
-        blind = answer_questions(loaded, questions, batch_size, max_new_tokens, count)
+    predictions = answer_questions(loaded, questions, batch_size, max_new_tokens, count, generator)
+    blind: list[str | None] = [None] * len(questions)
+    if references:
+        with projector_zeroed(loaded):
+            blind = answer_questions(loaded, questions, batch_size, max_new_tokens, count)
     return build_report(loaded, split, questions, predictions, blind, majority, time.perf_counter() - started)

@@ -82,6 +82,10 @@ class ArchitectureAdapter(ABC):
     projector_path: ClassVar[str]
     language_model_path: ClassVar[str]
 
+    # Whether token positions are one index per token (rotary over a flat sequence), which token
+    # schedules that move tokens between layers rely on; Qwen2-VL's multi-axis positions are not.
+    flat_positions: ClassVar[bool] = True
+
     def __init__(self, model: PreTrainedModel):
         self.model = model
         self.image_token_id = self._find_image_token_id(model.config)
@@ -176,6 +180,10 @@ class ArchitectureAdapter(ABC):
     def flatten_projector_output(self, output: torch.Tensor) -> torch.Tensor:
         """Projector output as [num_visual_tokens, d], in the order the tokens are scattered."""
         return output.reshape(-1, output.shape[-1])
+
+    def input_embeddings(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The LLM's input embeddings [batch, seq, d]: token embeddings, projector outputs at the image tokens."""
+        raise NotImplementedError(f"{type(self).__name__} does not build input embeddings outside the model")
 
     # ---- helpers ----------------------------------------------------------------------
     @staticmethod

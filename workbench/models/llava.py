@@ -30,3 +30,19 @@ class LlavaAdapter(ArchitectureAdapter):
         if side * side != num_tokens // num_images:
             raise ValueError(f"{num_tokens // num_images} visual tokens per image is not a square grid")
         return [(side, side)] * num_images
+
+    def input_embeddings(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The LLM's input embeddings [batch, seq, d]: token embeddings, projector outputs at the image tokens."""
+        embeddings = self.embed_tokens(inputs["input_ids"])
+        if "pixel_values" not in inputs:
+            return embeddings
+        config = self.model.config
+        features = self.model.get_image_features(
+            pixel_values=inputs["pixel_values"].to(embeddings.dtype), image_sizes=inputs.get("image_sizes"),
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True).pooler_output
+        features = torch.cat(list(features)).to(embeddings.dtype)
+        visual = self.visual_token_mask(inputs["input_ids"])
+        if int(visual.sum()) != features.shape[0]:
+            raise ValueError(f"{int(visual.sum())} image tokens in the prompt but {features.shape[0]} image features")
+        return embeddings.masked_scatter(visual[..., None], features)

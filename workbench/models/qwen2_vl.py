@@ -24,6 +24,7 @@ class Qwen2VLAdapter(ArchitectureAdapter):
     vision_tower_path = "model.visual"
     projector_path = "model.visual.merger"
     language_model_path = "model.language_model"
+    flat_positions = False  # M-RoPE: (time, height, width) positions per token
 
     def image_grids(self, inputs: Mapping[str, torch.Tensor]) -> list[tuple[int, int]]:
         merge = self.model.config.vision_config.spatial_merge_size

@@ -5,6 +5,7 @@ Unknown keys and bad values are refused with a one-line `RecipeError` naming the
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,19 +23,31 @@ class RecipeError(WorkbenchError):
 
 
 
-class StageConfig(BaseModel):
-    """One stage's optimisation: AdamW, linear warmup, then cosine decay to a fraction of the peak."""
+class AdamWSchedule(BaseModel):
+    """AdamW with linear warmup over `warmup_steps`, then cosine decay to `final_learning_rate_ratio` of the peak."""
 
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(gt=0)
-    conversations_per_step: int = Field(gt=0)
-    micro_batch_size: int = Field(gt=0)
     learning_rate: float = Field(gt=0)
     warmup_steps: int = Field(ge=0)
     final_learning_rate_ratio: float = Field(ge=0, le=1)
     weight_decay: float = Field(ge=0)
     max_grad_norm: float = Field(gt=0)
+
+    def learning_rate_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.learning_rate * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        ratio = self.final_learning_rate_ratio
+        return self.learning_rate * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class StageConfig(AdamWSchedule):
+    """One stage of the default recipe: its optimisation and how many conversations make a step."""
+
+    conversations_per_step: int = Field(gt=0)
+    micro_batch_size: int = Field(gt=0)
 
 
 class LoraSettings(BaseModel):

@@ -204,19 +204,10 @@ def supervised_count(conversation: TokenisedConversation) -> int:
     return int((conversation.labels != IGNORE_INDEX).sum())
 
 
-def learning_rate(config: StageConfig, step: int) -> float:
-    """Linear warmup over `warmup_steps`, then cosine decay to `final_learning_rate_ratio` of the peak."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    ratio = config.final_learning_rate_ratio
-    return config.learning_rate * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def train_step(run: StageRun, step: int, conversations: Sequence[TokenisedConversation]) -> float:
     """One optimizer step over `conversations` in length-sorted micro-batches; the mean loss per label token."""
     for group in run.optimizer.param_groups:
-        group["lr"] = learning_rate(run.config, step)
+        group["lr"] = run.config.learning_rate_at(step)
     run.optimizer.zero_grad(set_to_none=True)
     total_labels = sum(map(supervised_count, conversations))
     ordered = sorted(conversations, key=lambda conversation: conversation.length)

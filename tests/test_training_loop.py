@@ -1,0 +1,94 @@
+"""The shared training loop: resume gives the same weights, checkpoints are safetensors, configs must match."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from efficient_models.hidrop_training import ScheduledLoss, answer_queries
+from efficient_models.schedule import TokenSchedule
+from efficient_models.scheduled_llm import ScheduledLLM
+from efficient_models.training import Optimisation, train
+from tests.tiny_models import image_tokens_llava, llava_batch, tiny_llava
+from workbench.errors import InputError
+from workbench.models.adapter import adapter_for
+from workbench.recipes.sequences import IGNORE_INDEX
+
+SETTINGS = Optimisation(steps=6, learning_rate=0.05, warmup_steps=1, final_learning_rate_ratio=0.1, weight_decay=0.0,
+                        max_grad_norm=1.0, precision="fp32", checkpoint_every=2, seed=3)
+
+
+class Regression(nn.Module):
+    def __init__(self, fail_at_call: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(4, 1)
+        self.calls, self.fail_at_call = 0, fail_at_call
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            raise KeyboardInterrupt
+        return nn.functional.mse_loss(self.linear(x).squeeze(-1) + 0.1 * torch.randn_like(y), y)
+
+
+def plan():
+    generator = torch.Generator().manual_seed(1)
+    return [[{"x": torch.randn(3, 4, generator=generator), "y": torch.randn(3, generator=generator)}
+             for _ in range(2)] for _ in range(SETTINGS.steps)]
+
+
+def run(module: Regression, folder, saved=None, resume=True):
+    parameters = dict(module.named_parameters())
+    return train(module, parameters, plan(), SETTINGS, folder, saved or {"config.yaml": "a: 1\n"}, resume=resume)
+
+
+def test_a_resumed_run_ends_with_the_same_weights(tmp_path):
+    straight = Regression()
+    result = run(straight, tmp_path / "straight")
+    assert result.record.finished and len(result.record.losses) == SETTINGS.steps
+    interrupted = Regression(fail_at_call=7)  # the 4th step's first micro-batch: steps 1-2 are checkpointed
+    with pytest.raises(KeyboardInterrupt):
+        run(interrupted, tmp_path / "resumed")
+    resumed = Regression()
+    result = run(resumed, tmp_path / "resumed")
+    assert result.resumed_at == 2
+    torch.testing.assert_close(resumed.linear.weight, straight.linear.weight, rtol=0, atol=0)
+    files = {path.name for path in (tmp_path / "resumed").rglob("*") if path.is_file()}
+    assert "config.yaml" in files and "state.json" in files
+    assert all(name.endswith((".safetensors", ".json", ".yaml")) for name in files)
+
+
+def test_a_run_of_another_config_is_not_resumed(tmp_path):
+    run(Regression(), tmp_path)
+    with pytest.raises(InputError, match="different config.yaml"):
+        run(Regression(), tmp_path, saved={"config.yaml": "a: 2\n"})
+    assert run(Regression(), tmp_path, saved={"config.yaml": "a: 2\n"}, resume=False).resumed_at == 0
+
+
+def test_answer_queries_mark_the_token_before_each_answer():
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6, IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX]])
+    assert answer_queries(labels)[0].nonzero().flatten().tolist() == [1, 5]
+
+
+def test_scheduled_loss_trains_through_a_pruning_schedule(tmp_path):
+    model = tiny_llava(num_layers=4)
+    adapter = adapter_for(model)
+    rows = [[1, 5] + image_tokens_llava() + [7, 8, 9, 10], [1] + image_tokens_llava() + [7, 9, 10, 11, 12]]
+    batch = llava_batch(rows, [1, 1])
+    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    labels[:, -2:] = batch["input_ids"][:, -2:]
+    with torch.no_grad():
+        features = model.model.vision_tower(batch["pixel_values"]).last_hidden_state[:, 1:]
+    micro = {"input_ids": batch["input_ids"], "labels": labels, "features": features,
+             "attention_mask": batch["attention_mask"]}
+    engine = ScheduledLLM(adapter, TokenSchedule(4, inject_layer=1, exit_layer=3, cuts={2: 0.5}))
+    module = ScheduledLoss(model, engine)
+    model.requires_grad_(False)
+    adapter.projector.requires_grad_(True)
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    settings = SETTINGS.model_copy(update={"steps": 8, "learning_rate": 0.01})
+    result = train(module, parameters, [[micro]] * 8, settings, tmp_path, {"config.yaml": "x\n"})
+    losses = result.record.losses
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
