@@ -32,7 +32,7 @@ def similarity_run(folder) -> None:
 def test_export_train_and_bench_hidrop(tmp_path, run_wb):
     similarity_run(tmp_path / "similarity")
     config_file = tmp_path / "hidrop.yaml"
-    code, out, err = run_wb("export-config", "--run", str(tmp_path / "similarity"), "--method", "hidrop",
+    code, _, err = run_wb("export-config", "--run", str(tmp_path / "similarity"), "--method", "hidrop",
                             "--out", str(config_file), "--token-budget", "0.1")
     assert code is None or code == 0, err
     config = load_config(config_file)
@@ -40,14 +40,14 @@ def test_export_train_and_bench_hidrop(tmp_path, run_wb):
     assert from_config(config).token_layer_fraction(256) == pytest.approx(0.1, abs=0.01)
 
     run_dir = tmp_path / "train"
-    code, out, err = run_wb("train", "hidrop", "--config", str(config_file), "--out", str(run_dir), "--smoke")
+    code, _, err = run_wb("train", "hidrop", "--config", str(config_file), "--out", str(run_dir), "--smoke")
     assert code is None or code == 0, err
     assert load_config(run_dir / "config.yaml") == config  # the schedule is saved beside the weights
     assert (run_dir / "projector.safetensors").is_file() and (run_dir / "lora" / "adapter_config.json").is_file()
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 4
 
     bench_dir = tmp_path / "bench"
-    code, out, err = run_wb("bench", "--variants", "dense,hidrop,pdrop", "--hidrop-run", str(run_dir),
+    code, _, err = run_wb("bench", "--variants", "dense,hidrop,pdrop", "--hidrop-run", str(run_dir),
                             "--n", "6", "--batch-size", "2", "--repeats", "1", "--decode-steps", "2",
                             "--out", str(bench_dir))
     assert code is None or code == 0, err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from pydantic import ValidationError
 
@@ -34,7 +36,7 @@ def test_concave_schedule_cuts_steeply_then_thins_out():
     schedule = schedules.from_config(hidrop_config(schedule="concave", schedule_power=3.0), num_visual=576)
     counts = schedule.keep_counts(576)[9:25]
     assert counts == sorted(counts, reverse=True) and counts[0] == 576 and counts[-1] >= 1
-    drops = [before - after for before, after in zip(counts, counts[1:])]
+    drops = [before - after for before, after in itertools.pairwise(counts)]
     assert drops[0] > drops[len(drops) // 2] > drops[-1] >= 0
 
 
