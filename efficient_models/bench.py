@@ -24,7 +24,6 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -38,7 +37,7 @@ from efficient_models.hidrop import (
     read_run_config,
     visual_tokens_per_image,
 )
-from efficient_models.hidrop_training import answer_queries
+from efficient_models.hidrop_training import answer_loss
 from efficient_models.scheduled_llm import ScheduleCache, ScheduledOutput
 from workbench.configs import HiDropConfig, load_config
 from workbench.errors import InputError
@@ -204,12 +203,8 @@ def trainable(loaded: LoadedModel):
 
 def training_step(model: ScheduledModel, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """Forward and backward of the answer tokens' cross entropy (no optimizer step); returns the loss."""
-    adapter = model.loaded.adapter
-    targets = labels[:, 1:]  # position t predicts token t + 1
-    supervised = targets != IGNORE_INDEX
-    output = model.engine.forward(adapter.input_embeddings(inputs), inputs["input_ids"],
-                                  inputs.get("attention_mask"), queries=answer_queries(labels))
-    loss = F.cross_entropy(adapter.lm_head(output.hidden[:, :-1][supervised]).float(), targets[supervised])
+    loss = answer_loss(model.engine, model.loaded.adapter.input_embeddings(inputs), inputs["input_ids"], labels,
+                       inputs.get("attention_mask"))
     loss.backward()
     model.loaded.model.zero_grad(set_to_none=True)  # gradients would only pile up: nothing steps on them
     return loss.detach()

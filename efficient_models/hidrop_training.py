@@ -91,8 +91,18 @@ def answer_queries(labels: torch.Tensor) -> torch.Tensor:
     return queries
 
 
+def answer_loss(engine: ScheduledLLM, embeddings: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross entropy of the supervised tokens, the LLM run under `engine`'s schedule, ranked by the answers."""
+    hidden = engine.forward(embeddings, input_ids, attention_mask, queries=answer_queries(labels)).hidden
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    supervised = targets != IGNORE_INDEX
+    logits = engine.adapter.lm_head(hidden[:, :-1][supervised]).float()
+    return nn.functional.cross_entropy(logits, targets[supervised])
+
+
 class ScheduledLoss(nn.Module):
-    """Answer-token cross entropy of the model run under a schedule, from cached projector inputs."""
+    """`answer_loss` from cached projector inputs: what `wb train hidrop` optimises."""
 
     def __init__(self, model: nn.Module, engine: ScheduledLLM):
         super().__init__()
@@ -104,11 +114,7 @@ class ScheduledLoss(nn.Module):
         embeddings = adapter.embed_tokens(input_ids)
         visual = adapter.projector(features).to(embeddings.dtype)
         embeddings = embeddings.masked_scatter(adapter.visual_token_mask(input_ids)[..., None], visual)
-        hidden = self.engine.forward(embeddings, input_ids, attention_mask, queries=answer_queries(labels)).hidden
-        targets = labels[:, 1:]
-        supervised = targets != IGNORE_INDEX
-        logits = adapter.lm_head(hidden[:, :-1][supervised]).float()
-        return nn.functional.cross_entropy(logits, targets[supervised])
+        return answer_loss(self.engine, embeddings, input_ids, labels, attention_mask)
 
 
 def step_plan(recipe: FinetuneRecipe, scenes, features: torch.Tensor, processor: Any,

@@ -136,30 +136,35 @@ class ScheduledLLM:
             queries[:, -1] = True
         positions = (real.long().cumsum(1) - 1).clamp_min(0)
         cos, sin = self.language_model.rotary_emb(embeddings, positions)
-        counts = self.schedule.keep_counts(int(visual[0].sum()))
+        num_visual = int(visual[0].sum())
+        counts = self.schedule.keep_counts(num_visual)
 
         text_index = rows_where(~visual)
         tokens = TokenSet(text_index, real.gather(1, text_index))
         hidden = tokens.take(embeddings)
+        present = 0  # visual entries in the set (invalid ones included): known from the schedule, no sync
         cache = DynamicCache() if use_cache else None
         key_valid, outputs, kept = [], [], {}
+        layer_inputs = None  # the set's rotary embeddings and mask, rebuilt only when the set changes
         for number, layer in enumerate(self.adapter.llm_layers):
             if counts[number] and number == self.schedule.inject_layer:
                 everything = torch.arange(length, device=device).expand(batch, -1)
                 hidden = embeddings.scatter(1, tokens.index[..., None].expand_as(hidden), hidden)
-                tokens = TokenSet(everything, real & (~visual | entering))
-            in_set = tokens.take(visual)
-            present = int(in_set[0].sum())
+                tokens, present, layer_inputs = TokenSet(everything, real & (~visual | entering)), num_visual, None
             if counts[number] == 0 and present:
-                tokens, places = tokens.subset(~in_set)
+                tokens, places = tokens.subset(~tokens.take(visual))
                 hidden = hidden.gather(1, places[..., None].expand(-1, -1, hidden.shape[-1]))
+                present, layer_inputs = 0, None
             elif 0 < counts[number] < present:
                 tokens, hidden, kept[number] = self.cut(layer, tokens, hidden, cos, sin, visual, entering, queries,
                                                         counts[number])
-            token_cos, token_sin = tokens.take(cos), tokens.take(sin)
-            mask = self.layer_mask(self.prefill_allowed(tokens), tokens.valid, hidden.dtype)
+                present, layer_inputs = counts[number], None
+            if layer_inputs is None:
+                layer_inputs = ((tokens.take(cos), tokens.take(sin)),
+                                self.layer_mask(self.prefill_allowed(tokens), tokens.valid, hidden.dtype))
+            position_embeddings, mask = layer_inputs
             hidden = layer(hidden, attention_mask=mask, past_key_values=cache, use_cache=use_cache,
-                           position_embeddings=(token_cos, token_sin))
+                           position_embeddings=position_embeddings)
             key_valid.append(tokens.valid)
             if layer_outputs:
                 outputs.append(self.scatter(hidden, tokens, length))

@@ -62,12 +62,17 @@ class TrainingRecord:
 class RunFiles:
     root: Path
 
-    def __getattr__(self, name: str) -> Path:
-        names = {"state": "checkpoint/state.json", "checkpoint": "checkpoint", "config": "config.yaml",
-                 "recipe": "recipe.yaml", "metrics": "metrics.json"}
-        if name not in names:
-            raise AttributeError(name)
-        return self.root / names[name]
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def state(self) -> Path:
+        return self.checkpoint / "state.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -179,8 +184,9 @@ def train(module: nn.Module, parameters: dict[str, nn.Parameter], plan: Sequence
                                                           reduction="mean")))
             record.seconds.append(time.perf_counter() - started)
             record.step = step + 1
-            if accelerator.is_main_process and (record.step % optimisation.checkpoint_every == 0
-                                                or record.step == len(plan)):
+            # The last step is saved once, after the outputs, as the finished run.
+            if accelerator.is_main_process and record.step % optimisation.checkpoint_every == 0 \
+                    and record.step < len(plan):
                 save_checkpoint(files, record, parameters, optimizer)
             progress.set_postfix(loss=f"{np.mean(record.losses[-10:]):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
             progress.update()
