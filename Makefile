@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo app test test-all default-model clean
+.PHONY: setup demo app test test-fast default-model clean
 
 setup: $(STAMP) default-model
 
@@ -30,11 +30,13 @@ PORT ?= 8501
 app: setup
 	$(VENV)/bin/wb app --port $(PORT)
 
+# The whole suite, as CI runs it.
 test: setup
 	$(PY) -m pytest
 
-test-all: setup
-	$(PY) -m pytest -m ""
+# Daily work: everything but the end-to-end tests on the real default model (marked slow).
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV)

@@ -8,7 +8,7 @@ Validates what the tokens, alignment and similarity analyses recommend. Conditio
 - cut visual->visual attention at every layer;
 - exit: the visual tokens leave the sequence before layer X, for X in `exit_layers`;
 - late injection: visual tokens enter at layer L (text keeps its positions), for L in `inject_layers`.
-Removal, exit and injection run the model under a token schedule (`efficient_models.scheduled_llm`),
+Removal, exit and injection run the model under a token schedule (`efficient_models.token_schedule.engine`),
 so every other token keeps its position id; skipping and cutting attention use hook interventions.
 Each condition's result is stored as it finishes, so an interrupted run resumes at the next condition.
 """
@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from analyses.tokens import token_rule
 from analyses.vqa_conditions import TokenCategories, accuracy_under, hooked, removal, scheduled
-from efficient_models.schedule import TokenSchedule
+from efficient_models.token_schedule.schedule import TokenSchedule
 from workbench.data.image_sets import ImageSet
 from workbench.evaluation.vqa import Generator, select_questions
-from workbench.interventions import Intervention
+from workbench.hook_interventions import Intervention
 from workbench.models.loading import LoadedModel
 from workbench.store import RunStore
 

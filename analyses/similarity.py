@@ -29,8 +29,8 @@ from PIL import Image
 
 from analyses.runner import run_batches
 from analyses.token_evidence import ANALYSIS_PROMPT
-from efficient_models.schedule import TokenSchedule
-from efficient_models.scheduled_llm import ScheduledLLM
+from efficient_models.token_schedule.schedule import TokenSchedule
+from efficient_models.token_schedule.engine import ScheduledLLM
 from workbench.data.image_sets import ImageItem, ImageSet
 from workbench.errors import InputError
 from workbench.models.inputs import build_inputs

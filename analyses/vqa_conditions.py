@@ -1,7 +1,7 @@
 """Probe-scene VQA accuracy when the model runs differently, e.g. without some categories of visual tokens.
 
 Each condition is a `Generator` (`workbench.evaluation.vqa`): `scheduled` runs the model under a
-`TokenSchedule` (late entry, early exit: `efficient_models.scheduled_llm`), `hooked` under a hook
+`TokenSchedule` (late entry, early exit: `efficient_models.token_schedule.engine`), `hooked` under a hook
 `Intervention` (skipped sublayers, cut attention edges). `TokenCategories` categorises the visual
 tokens of the questions' images once (with a tokens run's rule); `removal` generates with a set of
 categories never entering the LLM, or, as the matched control, the same number of randomly chosen
@@ -19,12 +19,12 @@ from transformers import BatchFeature
 
 from analyses.token_evidence import EvidenceLayers, token_evidence
 from analyses.tokens import TokenRule
-from efficient_models import schedule as schedules
-from efficient_models.hidrop import ScheduledModel
-from efficient_models.schedule import TokenSchedule
+from efficient_models.token_schedule import schedule as schedules
+from efficient_models.token_schedule.scheduled_model import ScheduledModel
+from efficient_models.token_schedule.schedule import TokenSchedule
 from workbench.data.image_sets import ImageItem
 from workbench.evaluation.vqa import Generator, Question, answer_questions, is_correct, scene_id
-from workbench.interventions import Intervention, intervene
+from workbench.hook_interventions import Intervention, intervene
 from workbench.models.loading import LoadedModel
 
 

@@ -19,7 +19,7 @@ def analyze_command(kind: str, model: str, images: str, out: str) -> list[str]:
     """The `wb analyze` command line, run with this interpreter (works without `wb` on PATH)."""
     if kind not in ANALYSES:
         raise ValueError(f"unknown analysis {kind!r}; choose one of {', '.join(ANALYSES)}")
-    return [sys.executable, "-c", "from workbench.cli import main; main()", "analyze", kind,
+    return [sys.executable, "-m", "wb", "analyze", kind,
             "--model", model, "--images", images, "--out", out]
 
 

@@ -1,2 +1,6 @@
-"""Efficient models (HiDrop, ViCA, SkipGPT, layer fusion, streaming GPE, on-policy SFT), one module
-per method, with a shared training loop and benchmark harness."""
+"""Efficient models, one folder per method, each registering itself with `registry`.
+
+Methods: `hidrop`, `fastv`, `pdrop`, `injection`, `prune` and `vica` (config only, so far); shared parts:
+the token-schedule engine (`token_schedule/`), the bench variant interface (`variant`), the benchmark
+harness (`bench/`), config export from analysis runs (`export`) and the commands (`method_commands`).
+"""

@@ -45,7 +45,7 @@ def run_wb(monkeypatch, capsys):
     """
     import sys
 
-    from workbench.cli import main
+    from wb.cli import main
 
     def run(*args: str, model: LoadedModel | None = None) -> tuple[int, str, str]:
         if model is not None:

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from workbench.configs import load_config
+from efficient_models.registry import load_config
 
 
 @pytest.fixture(scope="module")

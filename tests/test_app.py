@@ -16,12 +16,12 @@ from apps import state
 from apps.compute import explain_image, logit_lens, model_fingerprint
 from apps.explorer import picked_upload, probe_item
 from apps.export_page import config_yaml, validate
-from apps.flops import SMOLLM2_135M, DecoderShape, estimate_flops, visual_tokens_per_layer
 from apps.jobs import progress_of, start_job
 from apps.overlay import overlay_figure, selected_token
 from apps.runs_page import compare_table, headline
 from apps.uploads import image_from_upload
-from workbench.configs import HiDropConfig, InjectionConfig, PruneConfig, ViCAConfig, load_config
+from efficient_models.hidrop.config import HiDropConfig
+from efficient_models.registry import load_config
 from workbench.errors import InputError
 from workbench.store import RunStore
 
@@ -124,109 +124,9 @@ def test_a_good_upload_becomes_an_rgb_image_keyed_by_its_content():
     assert picked.key == again.key != other.key and picked.item.id == "red.png"
 
 
-# --- FLOPs estimate ------------------------------------------------------------------------
-
 def _common(layers=LAYERS):
     return {"model": "default", "num_llm_layers": layers,
             "provenance": {"run": "r", "kind": "similarity", "model": "default", "data": "d", "exported": "now"}}
-
-
-def test_layer_flops_are_linear_plus_quadratic_in_the_tokens():
-    shape = DecoderShape(hidden=8, intermediate=16, heads=2, kv_heads=1, head_dim=4)
-    # Per token: q and o (8 -> 2x4 and back), the gated MLP (3 matrices 8x16), k and v (8 -> 1x4);
-    # attention: 2 (scores, weighted sum) x 2 FLOPs x heads x head_dim per query-key pair.
-    assert shape.linear_flops(1) == 2 * (2 * 8 * 8 + 3 * 8 * 16) + 2 * 2 * 8 * 4
-    assert shape.layer_flops(10) == 10 * shape.linear_flops(1) + 100 * 32
-    assert shape.layer_flops(20) > 2 * shape.layer_flops(10)
-
-
-def test_schedules_count_visual_tokens_per_layer_and_save_flops_accordingly():
-    num_visual, num_text = 256, 32
-    keep_all = InjectionConfig(**_common(), inject_layer=0)
-    assert visual_tokens_per_layer(keep_all, num_visual) == [256.0] * LAYERS
-    assert estimate_flops(keep_all, SMOLLM2_135M, num_visual, num_text).saving == pytest.approx(0.0)
-
-    late = InjectionConfig(**_common(), inject_layer=10)
-    estimate = estimate_flops(late, SMOLLM2_135M, num_visual, num_text)
-    full, text_only = SMOLLM2_135M.layer_flops(num_text + num_visual), SMOLLM2_135M.layer_flops(num_text)
-    assert estimate.average_visual_tokens == pytest.approx(256 * 20 / 30)
-    assert estimate.saving == pytest.approx(1 - (10 * text_only + 20 * full) / (30 * full))
-
-    hidrop = HiDropConfig(**_common(), inject_layer=4, exit_layer=14, schedule_power=2.0,
-                          stages=[{"start_layer": 4, "keep_fraction": 1.0}, {"start_layer": 9, "keep_fraction": 0.25}])
-    per_layer = visual_tokens_per_layer(hidrop, num_visual)
-    assert per_layer[:4] == [0.0] * 4 and per_layer[4:9] == [256.0] * 5 and per_layer[9:14] == [64.0] * 5
-    assert per_layer[14:] == [0.0] * 16
-    assert estimate_flops(hidrop, SMOLLM2_135M, num_visual, num_text).average_visual_tokens == pytest.approx(1600 / 30)
-
-    prune = PruneConfig(**_common(), rule=RULE, keep_categories=["alive"],
-                        measured_fractions={"sink": 0.05, "dead": 0.45, "alive": 0.5})
-    assert visual_tokens_per_layer(prune, num_visual) == [128.0] * LAYERS
-
-    vica = ViCAConfig(**_common(), cross_attention_layers=[1, 5])
-    vica_estimate = estimate_flops(vica, SMOLLM2_135M, num_visual, num_text)
-    cross = SMOLLM2_135M.kv_projection_flops(num_visual) + SMOLLM2_135M.attention_flops(num_text, num_visual)
-    assert vica_estimate.schedule == pytest.approx(30 * text_only + 2 * cross)
-    assert 0.8 < vica_estimate.saving < 1
-
-
-def test_the_decoder_shape_is_read_from_the_default_model(default_model):
-    assert DecoderShape.of_model(default_model) == SMOLLM2_135M
-
-
-# --- the overlay ---------------------------------------------------------------------------
-
-def synthetic_tokens(rows=4, cols=4) -> pd.DataFrame:
-    count = rows * cols
-    categories = ["sink"] + ["dead"] * 5 + ["alive"] * (count - 6)
-    return pd.DataFrame({
-        "token": range(count), "row": [t // cols for t in range(count)], "col": [t % cols for t in range(count)],
-        "category": categories, "sink_source": ["vit"] + [""] * (count - 1), "reason": ["because"] * count,
-        "topk_tokens": [["cat", " dog"]] * count, "topk_cos": [[0.31, 0.2]] * count,
-        "input_norm": np.linspace(1, 2, count), "vision_norm": np.ones(count), "llm_norm": np.ones(count),
-        "attention_received": np.full(count, 0.01),
-        "patch_kind": ["object"] * count, "patch_shape": ["star"] * count, "patch_colour": ["red"] * count,
-        "patch_char": [""] * count, "patch_coverage": np.full(count, 0.9)})
-
-
-def test_overlay_has_one_marker_per_patch_with_its_evidence_and_frames_the_selection():
-    tokens = synthetic_tokens()
-    figure = overlay_figure(Image.new("RGB", (64, 64)), tokens, 4, 4, selected=6)
-    scatters = [trace for trace in figure.data if trace.type == "scatter"]
-    assert [trace.name for trace in scatters] == ["sink (1)", "dead (5)", "alive (10)"]
-    assert sum(len(trace.x) for trace in scatters) == 16
-    assert figure.data[0].type == "image" and figure.data[0].source.startswith("data:image/png;base64,")
-    sink_text = scatters[0].hovertext[0]
-    assert "'cat' 0.31" in sink_text and "sink</b> (vit)" in sink_text and "ground truth: object red star" in sink_text
-    frame = figure.layout.shapes[0]
-    assert (frame.x0, frame.x1, frame.y0, frame.y1) == (1.5, 2.5, 0.5, 1.5)  # token 6 = row 1, col 2
-    numeric = overlay_figure(Image.new("RGB", (64, 64)), tokens, 4, 4, colour_by="input_norm")
-    assert len(numeric.data) == 2 and list(numeric.data[1].marker.color) == list(tokens["input_norm"])
-
-
-def test_a_click_event_selects_the_patch_under_it():
-    assert selected_token({"selection": {"points": [{"x": 2, "y": 3, "curve_number": 2}]}}, cols=16) == 3 * 16 + 2
-    assert selected_token({"selection": {"points": []}}, cols=16) is None
-    assert selected_token(None, cols=16) is None
-
-
-# --- runs: headline numbers and comparison ---------------------------------------------------
-
-def test_two_runs_compare_on_their_headline_numbers(runs):
-    first, second = state.read_run(runs["tokens"]), state.read_run(runs["tokens2"])
-    table = compare_table(first, second).set_index("measure")
-    assert table.loc["fraction alive", "B - A"] == pytest.approx(-0.2)
-    assert headline(state.read_run(runs["interventions"]))["VQA: remove dead"] == 0.58
-    assert headline(state.read_run(runs["probe"]))["probe shape @ input"] == 0.8
-    assert headline(state.read_run(runs["similarity"]))["exit layer"] == 14
-
-
-def test_find_runs_lists_nested_run_folders_and_skips_other_folders(tmp_path, runs):
-    nested = _run(tmp_path / "probe-run" / "tokens", "tokens", {}, {"fractions": {}})
-    (tmp_path / "not-a-run").mkdir()
-    assert state.find_runs(tmp_path) == [nested]
-    assert set(state.find_runs(runs["tokens"].parent)) == set(runs.values())
-    assert state.find_runs(tmp_path / "missing") == []
 
 
 # --- export: validation and YAML -------------------------------------------------------------
@@ -448,7 +348,7 @@ def test_without_any_model_the_pages_say_so_and_the_run_pages_work(app, monkeypa
     at.selectbox(key="export_run").set_value(str(runs["similarity"]))
     at.selectbox(key="export_method").set_value("injection").run()
     assert not at.exception and "inject_layer: 4" in at.code[0].value
-    assert "SmolLM2-135M's shape" in _texts(at)
+    assert "the default model's shapes" in _texts(at)
 
 
 def test_layers_page_draws_the_curves_with_the_recommended_layers_and_attention(app, runs):
@@ -506,7 +406,7 @@ def test_export_page_prefills_validates_estimates_and_saves(app, runs, tmp_path)
     saving = float(at.metric[1].value.rstrip("%"))
     assert 30 < saving < 100
     # An invalid edit is reported inline and no YAML is offered.
-    key = next(widget.key for widget in at.number_input if widget.key and widget.key.endswith("_exit"))
+    key = next(widget.key for widget in at.number_input if widget.key and widget.key.endswith("_exit_layer"))
     at.number_input(key=key).set_value(3).run()
     assert "must come after inject_layer" in at.error[0].value and not at.code
     at.number_input(key=key).set_value(20).run()

@@ -13,15 +13,18 @@ import torch
 import torch.nn.functional as F
 from transformers import BatchFeature
 
-from efficient_models import bench
-from efficient_models import schedule as schedules
-from efficient_models.hidrop import ScheduledModel
-from efficient_models.hidrop_training import answer_queries
+from efficient_models.bench import harness, probe_inputs, timing
+from efficient_models.bench import results as reports
+from efficient_models.bench import variants as variant_builder
+from efficient_models.fastv import FastVConfig, fastv_schedule
+from efficient_models.pdrop import PyramidDropConfig, pdrop_schedule
+from efficient_models.token_schedule import schedule as schedules
+from efficient_models.token_schedule.scheduled_model import ScheduledModel, answer_queries
 from tests.tiny_models import image_tokens_llava, llava_batch, tiny_llava
 from workbench.errors import InputError
 from workbench.evaluation.vqa import select_questions
 from workbench.models.loading import LoadedModel
-from workbench.recipes.sequences import IGNORE_INDEX
+from workbench.training.sequences import IGNORE_INDEX
 
 LAYERS = 4
 PROMPTS = [[1, 2] + image_tokens_llava() + [3, 4, 5], [1] + image_tokens_llava() + [3, 4, 5, 6, 7]]
@@ -36,8 +39,8 @@ def loaded() -> LoadedModel:
 @pytest.fixture(scope="module")
 def variants(loaded) -> list[ScheduledModel]:
     return [ScheduledModel(loaded, schedules.dense(LAYERS)),
-            ScheduledModel(loaded, schedules.fastv(LAYERS, layer=1, keep=0.5)),
-            ScheduledModel(loaded, schedules.pyramid_drop(LAYERS)),
+            ScheduledModel(loaded, fastv_schedule(FastVConfig(num_llm_layers=LAYERS, layer=1, keep=0.5))),
+            ScheduledModel(loaded, pdrop_schedule(PyramidDropConfig(num_llm_layers=LAYERS))),
             ScheduledModel(loaded, schedules.TokenSchedule(LAYERS, 1, 3, {2: 0.25}), "hidrop-like")]
 
 
@@ -49,16 +52,16 @@ def supervised_batch(prompts: list[list[int]]) -> tuple[dict[str, torch.Tensor],
     return training, labels
 
 
-def tiny_batches() -> bench.BenchBatches:
+def tiny_batches() -> probe_inputs.BenchBatches:
     training, labels = supervised_batch(PROMPTS)
-    return bench.BenchBatches(llava_batch(PROMPTS, [1, 1]), training, labels)
+    return probe_inputs.BenchBatches(llava_batch(PROMPTS, [1, 1]), training, labels)
 
 
 @pytest.fixture(scope="module")
-def report(variants) -> bench.BenchReport:
-    accuracy = {variant.name: bench.Accuracy(overall=0.5 - 0.1 * index, by_type={"colour": 0.5}, n=2)
+def report(variants) -> reports.BenchReport:
+    accuracy = {variant.name: reports.Accuracy(overall=0.5 - 0.1 * index, by_type={"colour": 0.5}, n=2)
                 for index, variant in enumerate(variants)}
-    return bench.benchmark(variants, tiny_batches(), text_tokens=[5, 5, 6], repeats=2, decode_steps=3,
+    return harness.benchmark(variants, tiny_batches(), text_tokens=[5, 5, 6], repeats=2, decode_steps=3,
                            accuracy=accuracy)
 
 
@@ -80,7 +83,7 @@ def test_pruning_variants_count_fewer_flops_and_visual_tokens(report):
         assert variant.decode.predicted_speedup > 1
         assert variant.prefill_flops.vision == dense.prefill_flops.vision  # the image is encoded in full either way
         # On CPU the memory figure is the KV cache, which holds each layer's (smaller) token set.
-        assert report.memory_measure == bench.KV_CACHE and variant.memory_bytes < dense.memory_bytes
+        assert report.memory_measure == timing.KV_CACHE and variant.memory_bytes < dense.memory_bytes
     hidrop_like = pruned[-1]
     assert hidrop_like.visual_tokens_per_layer == [0, 4, 1, 0] and hidrop_like.prefill_flops.token_scoring > 0
     assert hidrop_like.prefill.measured_over_predicted == pytest.approx(
@@ -96,11 +99,11 @@ def test_flops_per_question_are_the_mean_over_prompt_lengths(loaded, report):
 
 
 def test_the_report_files_round_trip(report, tmp_path):
-    json_path, plot_path = bench.write_report(report, tmp_path / "bench")
+    json_path, plot_path = reports.write_report(report, tmp_path / "bench")
     data = json.loads(json_path.read_text())
     assert data == report.to_dict()
     assert [variant["name"] for variant in data["variants"]] == ["dense", "fastv", "pdrop", "hidrop-like"]
-    assert data["variants"][1]["prefill"]["speedup"] > 0 and data["memory_measure"] == bench.KV_CACHE
+    assert data["variants"][1]["prefill"]["speedup"] > 0 and data["memory_measure"] == timing.KV_CACHE
     assert plot_path.parent == json_path.parent
     html = plot_path.read_text()
     assert all(name in html for name in ("fastv", "pdrop", "hidrop-like")) and "prefill GFLOPs" in html
@@ -110,22 +113,22 @@ def test_the_table_prints_every_variant(report):
     from rich.console import Console
 
     console = Console(record=True, width=200)
-    bench.print_report(report, console)
+    reports.print_report(report, console)
     text = console.export_text()
     assert all(variant.name in text for variant in report.variants) and "accuracy per type" in text
 
 
 def test_the_first_variant_must_be_dense(variants):
     with pytest.raises(InputError, match="first variant must be dense"):
-        bench.benchmark(variants[1:], tiny_batches(), text_tokens=[5], repeats=1, decode_steps=1)
+        harness.benchmark(variants[1:], tiny_batches(), text_tokens=[5], repeats=1, decode_steps=1)
 
 
 def test_the_training_step_is_the_models_own_answer_loss(loaded, variants):
     """Dense, unpadded: the loss equals cross entropy of the Hugging Face model's logits on the answer tokens."""
     prompt = [1, 2] + image_tokens_llava() + [3, 4, 5]
     training, labels = supervised_batch([prompt, prompt])
-    with bench.trainable(loaded):
-        loss = bench.training_step(variants[0], training, labels)
+    with timing.trainable(loaded):
+        loss = timing.training_step(variants[0], training, labels)
     with torch.no_grad():
         logits = loaded.model(**training).logits
     supervised = labels[:, 1:] != IGNORE_INDEX
@@ -136,7 +139,7 @@ def test_the_training_step_is_the_models_own_answer_loss(loaded, variants):
 
 def test_trainable_freezes_only_the_vision_tower_and_restores_the_flags(loaded):
     before = [parameter.requires_grad for parameter in loaded.model.parameters()]
-    with bench.trainable(loaded):
+    with timing.trainable(loaded):
         assert not any(parameter.requires_grad for parameter in loaded.adapter.vision_tower.parameters())
         assert all(parameter.requires_grad for parameter in loaded.adapter.projector.parameters())
         assert all(parameter.requires_grad for parameter in loaded.adapter.llm_layers.parameters())
@@ -152,7 +155,7 @@ def test_the_query_is_the_token_before_the_answer():
 
 def test_probe_batches_supervise_the_answer_right_after_the_evaluation_prompt(default_model):
     questions = select_questions("test", 3)
-    batches = bench.probe_batches(default_model, questions)
+    batches = probe_inputs.probe_batches(default_model, questions)
     queries = answer_queries(batches.labels)
     for row, (_, pair) in enumerate(questions):
         prompt = batches.prompts["input_ids"][row][batches.prompts["attention_mask"][row].bool()]
@@ -166,20 +169,22 @@ def test_probe_batches_supervise_the_answer_right_after_the_evaluation_prompt(de
 
 def test_bad_variant_names_and_missing_options_fail_before_loading(tmp_path):
     with pytest.raises(InputError, match="unknown variant 'fastvv'; choose from dense, fastv"):
-        bench.build_variants(["dense", "fastvv"])
-    with pytest.raises(InputError, match="hidrop needs --hidrop-run"):
-        bench.build_variants(["hidrop"])
-    with pytest.raises(InputError, match="is not a HiDrop training run"):
-        bench.build_variants(["hidrop"], hidrop_run=tmp_path)
-    with pytest.raises(InputError, match="fastv-matched needs --hidrop-config"):
-        bench.build_variants(["fastv-matched"])
-    assert bench.variant_names(["pdrop", "fastv", "dense", "pdrop"]) == ["dense", "pdrop", "fastv"]
+        variant_builder.build_variants(["dense", "fastvv"])
+    with pytest.raises(InputError, match="variant hidrop needs a finished `wb train hidrop` run: pass --run"):
+        variant_builder.build_variants(["hidrop"])
+    with pytest.raises(InputError, match="is not a training run"):
+        variant_builder.build_variants(["hidrop"], runs=[tmp_path])
+    with pytest.raises(InputError, match="variant fastv-matched needs a hidrop config: pass --config"):
+        variant_builder.build_variants(["fastv-matched"])
+    with pytest.raises(InputError, match="no variants given"):
+        variant_builder.build_variants([])
+    assert variant_builder.variant_names(["pdrop", "fastv", "dense", "pdrop"]) == ["dense", "pdrop", "fastv"]
 
 
 def test_wb_bench_reports_a_bad_variant_in_one_line(run_wb):
     code, _, err = run_wb("bench", "--variants", "dense,nope")
-    assert code == 2 and err.strip() == ("error: unknown variant 'nope'; choose from dense, fastv, pdrop, "
-                                         "fastv-matched, hidrop, hidrop-dropin")
+    assert code == 2 and err.strip() == ("error: unknown variant 'nope'; choose from dense, fastv, fastv-matched, "
+                                         "hidrop, hidrop-dropin, injection, pdrop")
 
 
 def test_wb_bench_keeps_its_trace_subcommand(run_wb):
@@ -219,11 +224,11 @@ def test_accuracy_is_scored_per_question_type_and_prompts_are_counted():
                          schedules.dense(LAYERS))
     model.answers = {pair.question: (pair.answer, pair.type) for _, pair in questions}
     progress = []
-    accuracy = bench.vqa_accuracy(model, "test", 12, batch_size=5, max_new_tokens=4,
+    accuracy = harness.vqa_accuracy(model, "test", 12, batch_size=5, max_new_tokens=4,
                                   progress=lambda done, total: progress.append(done))
     assert progress == [5, 10, 12]
     assert accuracy.by_type == {"colour": 1.0, "shape": 0.0, "count": 0.0, "position": 0.0, "text": 0.0,
                                 "exists": 0.0}
     assert accuracy.overall == pytest.approx(2 / 12) and accuracy.n == 12
-    lengths = bench.prompt_text_tokens(model.loaded, questions)
+    lengths = probe_inputs.prompt_text_tokens(model.loaded, questions)
     assert lengths == [len(pair.question.split()) for _, pair in questions]

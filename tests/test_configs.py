@@ -8,7 +8,10 @@ import pytest
 import yaml
 
 from analyses.similarity import SimilarityConfig, recommend
-from workbench.configs import HiDropConfig, build_config, export_config, load_config
+from efficient_models.export import build_config
+from efficient_models.hidrop.config import HiDropConfig
+from efficient_models.registry import load_config
+from workbench.configs import write_config
 from workbench.errors import InputError
 from workbench.store import RunStore
 
@@ -33,6 +36,10 @@ def test_an_image_that_changes_nothing_gets_no_recommendation():
     flat = curves().assign(vision_effect=0.0)
     with pytest.raises(InputError, match="never changes"):
         recommend(flat, SimilarityConfig())
+
+
+def export_config(run, method, out):
+    return write_config(build_config(run, method), out)
 
 
 def similarity_run(folder) -> RunStore:

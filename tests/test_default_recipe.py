@@ -17,16 +17,20 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from workbench.cli import main
+from wb.cli import main
 from workbench.data.probe_scenes import ProbeScene, QAPair, iter_split
 from workbench.models.adapter import adapter_for
 from workbench.models.default_model import NUM_IMAGE_TOKENS
 from workbench.models.inputs import format_prompt
-from workbench.recipes import default_model as recipe
-from workbench.recipes.config import RecipeConfig, RecipeError, load_recipe, parse_recipe
-from workbench.recipes.default_model import collate, install_run, supervised_logits, train_default_model
-from workbench.recipes.features import projector_inputs
-from workbench.recipes.sequences import (
+from workbench.default_recipe import install
+from workbench.default_recipe.install import install_run
+from workbench.default_recipe.recipe import RecipeConfig, RecipeError, load_recipe, parse_recipe
+from workbench.default_recipe.train import STEP_SEED_STREAM, supervised_logits, train_default_model
+from workbench.errors import WorkbenchError
+from workbench.training import loop
+from workbench.training.batches import collate
+from workbench.training.features import projector_inputs
+from workbench.training.sequences import (
     IGNORE_INDEX,
     Conversation,
     caption_conversation,
@@ -124,10 +128,10 @@ def test_cached_feature_forward_equals_the_model_forward(default_model, processo
     tokenised = tokenise_conversation(processor, Conversation(0, qa_turns(scene, 2)), NUM_IMAGE_TOKENS)
     pixel_values = processor.image_processor([scene.image], return_tensors="pt")["pixel_values"]
     features = projector_inputs(default_model.adapter, pixel_values)
-    batch = collate([tokenised], features, processor.tokenizer.pad_token_id, torch.device("cpu"))
+    batch = collate([tokenised], processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        logits, targets = supervised_logits(default_model.adapter, batch)
-        reference = default_model.model(input_ids=batch.input_ids, pixel_values=pixel_values).logits[0, :-1]
+        logits, targets = supervised_logits(default_model.adapter, batch["input_ids"], batch["labels"], features)
+        reference = default_model.model(input_ids=batch["input_ids"], pixel_values=pixel_values).logits[0, :-1]
     supervised = tokenised.labels[1:] != IGNORE_INDEX
     assert torch.equal(targets, tokenised.labels[1:][supervised])
     torch.testing.assert_close(logits, reference[supervised], atol=2e-4, rtol=1e-4)
@@ -189,10 +193,17 @@ def test_padded_batch_gives_the_same_logits_as_single_rows(processor, scene):
                    for row, turns in ((0, 1), (1, 4)))
     features = torch.randn(2, TINY_IMAGE_TOKENS, 24)
     pad = processor.tokenizer.pad_token_id
+
+
+    def logits(conversations):
+        batch = collate(conversations, pad)
+        return supervised_logits(adapter, batch["input_ids"], batch["labels"], features[batch["scenes"]],
+                                 batch.get("attention_mask"))[0]
+
     with torch.no_grad():
-        together, _ = supervised_logits(adapter, collate([short, long], features, pad, torch.device("cpu")))
-        apart = [supervised_logits(adapter, collate([one], features, pad, torch.device("cpu")))[0]
-                 for one in (short, long)]
+        together = logits([short, long])
+        apart = [logits([one]) for one in (short, long)]
+    assert together.shape[0] > apart[0].shape[0]  # the padded batch really holds both rows
     torch.testing.assert_close(together, torch.cat(apart), atol=1e-5, rtol=1e-5)
 
 
@@ -215,17 +226,17 @@ def test_training_reduces_the_loss_in_both_stages(tmp_path, tiny_loader):
 @pytest.mark.parametrize("stage, step", [("stage1", 4), ("stage2", 5)])
 def test_resuming_after_an_interruption_gives_identical_weights(tmp_path, monkeypatch, tiny_loader, finished_run,
                                                                 stage, step):
-    uninterrupted_step = recipe.train_step
+    uninterrupted_seed = loop.step_seed
 
-    def interrupted_step(run, at_step, conversations):
-        if run.name == stage and at_step == step:
+    def interrupted_seed(entropy, at_step):  # called as each step starts; the entropy names the stage
+        if tuple(entropy) == (STEP_SEED_STREAM, 0, int(stage[-1])) and at_step == step:
             raise KeyboardInterrupt
-        return uninterrupted_step(run, at_step, conversations)
+        return uninterrupted_seed(entropy, at_step)
 
-    monkeypatch.setattr(recipe, "train_step", interrupted_step)
+    monkeypatch.setattr(loop, "step_seed", interrupted_seed)
     with pytest.raises(KeyboardInterrupt):
         train_default_model(tiny_recipe(), tmp_path, base_model_loader=tiny_loader)
-    monkeypatch.setattr(recipe, "train_step", uninterrupted_step)
+    monkeypatch.setattr(loop, "step_seed", uninterrupted_seed)
     resumed = train_default_model(tiny_recipe(), tmp_path, base_model_loader=tiny_loader)
 
     expected, actual = run_weights(finished_run), run_weights(tmp_path)
@@ -237,7 +248,7 @@ def test_resuming_after_an_interruption_gives_identical_weights(tmp_path, monkey
 
 def test_resuming_with_another_recipe_is_refused(finished_run, tiny_loader):
     other = tiny_recipe().model_copy(update={"seed": 1})
-    with pytest.raises(RecipeError, match="different recipe"):
+    with pytest.raises(WorkbenchError, match="different recipe"):
         train_default_model(other, finished_run, base_model_loader=tiny_loader)
 
 
@@ -245,7 +256,7 @@ def test_install_copies_the_run_outputs_with_the_lora_in_bf16(finished_run, tmp_
     from safetensors.torch import load_file
 
     installed = install_run(finished_run, tmp_path)
-    assert sorted(path.relative_to(tmp_path).as_posix() for path in installed) == sorted(recipe.INSTALLED_FILES)
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in installed) == sorted(install.INSTALLED_FILES)
     assert load_recipe(tmp_path / "recipe.yaml") == tiny_recipe()
     trained = load_file(finished_run / "lora" / "adapter_model.safetensors")
     shipped = load_file(tmp_path / "lora" / "adapter_model.safetensors")

@@ -7,11 +7,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from efficient_models import schedule as schedules
-from efficient_models.scheduled_llm import ScheduledLLM
+from efficient_models.fastv import FastVConfig, fastv_schedule
+from efficient_models.token_schedule import schedule as schedules
+from efficient_models.token_schedule.engine import ScheduledLLM
 from tests.tiny_models import image_tokens_llava, llava_batch, tiny_llava
 from workbench.errors import InputError
 from workbench.flops import (
+    DEFAULT_MODEL_SHAPES,
+    token_schedule_flops,
     DecoderShape,
     ModelShapes,
     causal_pairs,
@@ -74,7 +77,7 @@ def test_linear_flops_double_with_the_tokens_and_attention_grows_faster():
 
 def test_a_schedule_with_fewer_tokens_counts_fewer_flops_including_its_scoring(loaded):
     dense = prefill_flops(loaded, len(TEXT), schedules.dense(LAYERS).keep_counts(4))
-    fastv = prefill_flops(loaded, len(TEXT), schedules.fastv(LAYERS, layer=1, keep=0.5).keep_counts(4))
+    fastv = prefill_flops(loaded, len(TEXT), fastv_schedule(FastVConfig(num_llm_layers=LAYERS, layer=1, keep=0.5)).keep_counts(4))
     assert fastv.total < dense.total and fastv.vision == dense.vision and fastv.projector == dense.projector
     assert fastv.llm_layers[0] == dense.llm_layers[0] and fastv.llm_layers[1] < dense.llm_layers[1]
     # Ranking before the cut at layer 1: q of the last token, k of all 10 tokens, 1 x 10 logits per head.
@@ -84,7 +87,7 @@ def test_a_schedule_with_fewer_tokens_counts_fewer_flops_including_its_scoring(l
     assert prefill_flops(loaded, len(TEXT), late_exit.keep_counts(4)).token_scoring == 0  # entry and exit rank nothing
 
 
-@pytest.mark.parametrize("schedule", [schedules.dense(LAYERS), schedules.fastv(LAYERS, layer=1, keep=0.5),
+@pytest.mark.parametrize("schedule", [schedules.dense(LAYERS), fastv_schedule(FastVConfig(num_llm_layers=LAYERS, layer=1, keep=0.5)),
                                       schedules.TokenSchedule(LAYERS, 1, 3, {2: 0.25})], ids=lambda s: s.name)
 def test_matrix_products_equal_what_torch_counts_in_a_real_prefill(loaded, schedule):
     """Every matmul, linear and convolution torch runs in the engine's prefill, against the count without its
@@ -104,14 +107,25 @@ def test_matrix_products_equal_what_torch_counts_in_a_real_prefill(loaded, sched
 
 
 def test_decode_and_training_counts(loaded):
-    keep = schedules.fastv(LAYERS, layer=1, keep=0.5).keep_counts(4)
+    keep = fastv_schedule(FastVConfig(num_llm_layers=LAYERS, layer=1, keep=0.5)).keep_counts(4)
     decoder = ModelShapes.of_model(loaded).decoder
     one_step = LAYERS * decoder.linear_flops(1) + 2 * 32 * 96 + sum(
         decoder.attention_pair_flops(len(TEXT) + kept + 1) for kept in keep)
-    assert decode_flops(loaded, len(TEXT), keep, steps=1) == one_step
-    assert decode_flops(loaded, len(TEXT), keep, steps=3) > 3 * one_step  # later steps attend to more keys
+    assert decode_flops(loaded, len(TEXT), keep, steps=1).total == one_step
+    assert decode_flops(loaded, len(TEXT), keep, steps=3).total > 3 * one_step  # later steps attend to more keys
+    assert decode_flops(loaded, len(TEXT), keep, steps=1).vision == 0  # the image was encoded at prefill
     forward = prefill_flops(loaded, len(TEXT), keep, lm_head_tokens=2)
-    assert training_step_flops(forward) == forward.vision + 3 * (forward.total - forward.vision)
+    training = training_step_flops(forward)
+    assert training.total == pytest.approx(forward.vision + 3 * (forward.total - forward.vision))
+    assert training.vision == forward.vision and training.llm_layers == [3 * layer for layer in forward.llm_layers]
+    count = token_schedule_flops(loaded, len(TEXT), keep, answer_tokens=2, decode_steps=3)
+    assert count.prefill == prefill_flops(loaded, len(TEXT), keep)
+    assert count.decode == decode_flops(loaded, len(TEXT), keep, steps=3) and count.training_step == training
+    assert count.average_visual_tokens == sum(keep) / LAYERS
+
+
+def test_the_default_model_shapes_constant_is_the_default_models(default_model):
+    assert ModelShapes.of_model(default_model, image_size=(224, 224)) == DEFAULT_MODEL_SHAPES
 
 
 def test_one_count_per_layer_is_required(loaded):

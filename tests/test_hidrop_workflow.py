@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from analyses.similarity import SimilarityConfig, recommend
-from efficient_models.schedule import from_config
-from workbench.configs import load_config
+from efficient_models.hidrop.pyramid import hidrop_schedule
+from efficient_models.registry import load_config
 from workbench.store import RunStore
 
 LAYERS = 30  # the default model's LLM
@@ -37,7 +37,7 @@ def test_export_train_and_bench_hidrop(tmp_path, run_wb):
     assert code is None or code == 0, err
     config = load_config(config_file)
     assert config.schedule == "concave"
-    assert from_config(config).token_layer_fraction(256) == pytest.approx(0.1, abs=0.01)
+    assert hidrop_schedule(config).token_layer_fraction(256) == pytest.approx(0.1, abs=0.01)
 
     run_dir = tmp_path / "train"
     code, _, err = run_wb("train", "hidrop", "--config", str(config_file), "--out", str(run_dir), "--smoke")
@@ -47,7 +47,7 @@ def test_export_train_and_bench_hidrop(tmp_path, run_wb):
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 4
 
     bench_dir = tmp_path / "bench"
-    code, _, err = run_wb("bench", "--variants", "dense,hidrop,pdrop", "--hidrop-run", str(run_dir),
+    code, _, err = run_wb("bench", "--variants", "dense,hidrop,pdrop", "--run", str(run_dir),
                             "--n", "6", "--batch-size", "2", "--repeats", "1", "--decode-steps", "2",
                             "--out", str(bench_dir))
     assert code is None or code == 0, err

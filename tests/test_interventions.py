@@ -1,19 +1,19 @@
 """Changing how the LLM treats visual tokens, with positions kept, in eager and SDPA attention.
 
 Token-set changes (late entry, early exit, removed tokens) are the scheduled engine's
-(`efficient_models.scheduled_llm`): each is checked against the plain Hugging Face model run on the
+(`efficient_models.token_schedule.engine`): each is checked against the plain Hugging Face model run on the
 sequence it claims to be equivalent to. Hook interventions (skipped sublayers, cut attention edges)
-are `workbench.interventions`, checked at prefill and while generating with a KV cache.
+are `workbench.hook_interventions`, checked at prefill and while generating with a KV cache.
 """
 
 import pytest
 import torch
 
-from efficient_models.schedule import TokenSchedule
-from efficient_models.scheduled_llm import ScheduledLLM
+from efficient_models.token_schedule.schedule import TokenSchedule
+from efficient_models.token_schedule.engine import ScheduledLLM
 from tests.tiny_models import LLAVA_IMAGE_ID, image_tokens_llava, llava_batch, tiny_llava
 from workbench.errors import InputError
-from workbench.interventions import Intervention, intervene
+from workbench.hook_interventions import Intervention, intervene
 from workbench.models.loading import LoadedModel
 
 NUM_LAYERS = 4

@@ -7,9 +7,11 @@ import itertools
 import pytest
 from pydantic import ValidationError
 
-from efficient_models import schedule as schedules
-from efficient_models.schedule import TokenSchedule
-from workbench.configs import HiDropConfig
+from efficient_models.fastv import FastVConfig, fastv_schedule, matched_config
+from efficient_models.hidrop.config import HiDropConfig
+from efficient_models.hidrop.pyramid import hidrop_schedule, with_token_budget
+from efficient_models.pdrop import PyramidDropConfig, pdrop_schedule
+from efficient_models.token_schedule.schedule import TokenSchedule
 from workbench.errors import InputError
 
 PROVENANCE = {"run": "r", "kind": "similarity", "model": "m", "data": "d", "exported": "t"}
@@ -24,7 +26,7 @@ def hidrop_config(**fields) -> HiDropConfig:
 def test_reference_tok48_schedule_counts_tokens_layer_by_layer():
     """HiDrop's "Tok48" on a 32-layer model: E=9, X=25, stages [10, 14, 16, 18] keeping [87, 10, 5, 1] of 576."""
     stages = [{"start_layer": layer, "keep_tokens": keep} for layer, keep in zip([10, 14, 16, 18], [87, 10, 5, 1])]
-    schedule = schedules.from_config(hidrop_config(stages=stages), num_visual=576)
+    schedule = hidrop_schedule(hidrop_config(stages=stages), num_visual=576)
     counts = schedule.keep_counts(576)
     assert counts[:9] == [0] * 9 and counts[25:] == [0] * 7
     assert counts[9] == 576 and counts[10:14] == [87] * 4 and counts[14:16] == [10] * 2
@@ -33,7 +35,7 @@ def test_reference_tok48_schedule_counts_tokens_layer_by_layer():
 
 
 def test_concave_schedule_cuts_steeply_then_thins_out():
-    schedule = schedules.from_config(hidrop_config(schedule="concave", schedule_power=3.0), num_visual=576)
+    schedule = hidrop_schedule(hidrop_config(schedule="concave", schedule_power=3.0), num_visual=576)
     counts = schedule.keep_counts(576)[9:25]
     assert counts == sorted(counts, reverse=True) and counts[0] == 576 and counts[-1] >= 1
     drops = [before - after for before, after in itertools.pairwise(counts)]
@@ -42,21 +44,22 @@ def test_concave_schedule_cuts_steeply_then_thins_out():
 
 @pytest.mark.parametrize("budget", [0.1, 0.25])
 def test_token_budget_fits_the_concave_power(budget):
-    fitted = schedules.with_token_budget(hidrop_config(stages=[{"start_layer": 12, "keep_fraction": 0.5}]), budget)
+    fitted = with_token_budget(hidrop_config(stages=[{"start_layer": 12, "keep_fraction": 0.5}]), budget)
     assert fitted.schedule == "concave" and not fitted.stages
-    assert schedules.from_config(fitted).token_layer_fraction(576) == pytest.approx(budget, abs=0.005)
+    assert hidrop_schedule(fitted).token_layer_fraction(576) == pytest.approx(budget, abs=0.005)
     with pytest.raises(InputError, match="visual-token-layers"):
-        schedules.with_token_budget(hidrop_config(stages=[{"start_layer": 12, "keep_fraction": 0.5}]), 0.01)
+        with_token_budget(hidrop_config(stages=[{"start_layer": 12, "keep_fraction": 0.5}]), 0.01)
 
 
 def test_baselines_follow_their_published_settings_scaled_to_depth():
-    assert schedules.fastv(32).keep_counts(576) == [576, 576] + [288] * 30
-    assert schedules.pyramid_drop(32).cuts == {8: 0.5, 16: 0.25, 24: 0.125}
-    assert sorted(schedules.pyramid_drop(16).cuts) == [4, 8, 12]
-    matched = schedules.fastv_matched(32, target_average=48.0, num_visual=576)
+    assert fastv_schedule(FastVConfig(num_llm_layers=32)).keep_counts(576) == [576, 576] + [288] * 30
+    assert pdrop_schedule(PyramidDropConfig(num_llm_layers=32)).cuts == {8: 0.5, 16: 0.25, 24: 0.125}
+    assert sorted(pdrop_schedule(PyramidDropConfig(num_llm_layers=16)).cuts) == [4, 8, 12]
+    assert pdrop_schedule(PyramidDropConfig(num_llm_layers=32, layers=[4, 9], ratio=0.4)).cuts == pytest.approx({4: 0.4, 9: 0.16})
+    matched = fastv_schedule(matched_config(32, target_average=48.0, num_visual=576))
     assert matched.average_visual_tokens(576) == pytest.approx(48.0, abs=1.0)
     with pytest.raises(InputError, match="FastV cannot"):
-        schedules.fastv_matched(32, target_average=20.0, num_visual=576)
+        matched_config(32, target_average=20.0, num_visual=576)
 
 
 def test_invalid_schedules_are_refused():
@@ -76,4 +79,4 @@ def test_config_schedule_kinds_are_validated():
     with pytest.raises(ValidationError, match="all give"):
         hidrop_config(stages=[{"start_layer": 12, "keep_fraction": 0.5}, {"start_layer": 14, "keep_tokens": 3}])
     with pytest.raises(ValueError, match="token count is needed"):
-        schedules.from_config(hidrop_config(stages=[{"start_layer": 12, "keep_tokens": 10}]))
+        hidrop_schedule(hidrop_config(stages=[{"start_layer": 12, "keep_tokens": 10}]))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from efficient_models import schedule as schedules
-from efficient_models import token_scoring
-from efficient_models.schedule import TokenSchedule
-from efficient_models.scheduled_llm import ScheduledLLM
+from efficient_models.token_schedule import schedule as schedules
+from efficient_models.token_schedule import scoring as token_scoring
+from efficient_models.fastv import FastVConfig, fastv_schedule
+from efficient_models.pdrop import PyramidDropConfig, pdrop_schedule
+from efficient_models.token_schedule.schedule import TokenSchedule
+from efficient_models.token_schedule.engine import ScheduledLLM
 from tests.tiny_models import image_tokens_llava, llava_batch, tiny_llava
 from workbench.errors import InputError
 from workbench.models.adapter import adapter_for
@@ -18,8 +20,8 @@ ROWS = [[1, 5] + image_tokens_llava() + [7, 8, 9], [1] + image_tokens_llava() + 
 SCHEDULES = [
     TokenSchedule(LAYERS, inject_layer=2, exit_layer=5, cuts={3: 0.5, 4: 0.25}, name="hidrop-like"),
     TokenSchedule(LAYERS, inject_layer=1, cuts={1: 0.5}, name="cut at entry"),
-    schedules.fastv(LAYERS, layer=2, keep=0.5),
-    schedules.pyramid_drop(LAYERS),
+    fastv_schedule(FastVConfig(num_llm_layers=LAYERS, layer=2, keep=0.5)),
+    pdrop_schedule(PyramidDropConfig(num_llm_layers=LAYERS)),
     TokenSchedule(LAYERS, exit_layer=0, name="no vision"),
 ]
 
@@ -134,7 +136,7 @@ def test_token_selection_passes_gradient_into_the_scoring_layer(model, batch, mo
         return weight.grad.clone()
 
     with_selection = key_gradient()
-    monkeypatch.setattr("efficient_models.scheduled_llm.differentiable_keep",
+    monkeypatch.setattr("efficient_models.token_schedule.engine.differentiable_keep",
                         lambda scores, candidates, k, sharpness: (None, torch.ones_like(scores)))
     without_selection = key_gradient()
     assert (with_selection - without_selection).abs().max() > 1e-6

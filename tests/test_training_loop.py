@@ -6,14 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from efficient_models.hidrop_training import ScheduledLoss, answer_queries
-from efficient_models.schedule import TokenSchedule
-from efficient_models.scheduled_llm import ScheduledLLM
-from efficient_models.training import Optimisation, train
+from efficient_models.hidrop.training import ScheduledLoss
+from efficient_models.token_schedule.engine import ScheduledLLM
+from efficient_models.token_schedule.scheduled_model import answer_queries
+from efficient_models.token_schedule.schedule import TokenSchedule
+from workbench.training.loop import MicroBatch, open_run, train
+from workbench.training.optimisation import Optimisation
 from tests.tiny_models import image_tokens_llava, llava_batch, tiny_llava
 from workbench.errors import InputError
 from workbench.models.adapter import adapter_for
-from workbench.recipes.sequences import IGNORE_INDEX
+from workbench.training.sequences import IGNORE_INDEX
 
 SETTINGS = Optimisation(steps=6, learning_rate=0.05, warmup_steps=1, final_learning_rate_ratio=0.1, weight_decay=0.0,
                         max_grad_norm=1.0, precision="fp32", checkpoint_every=2, seed=3)
@@ -35,19 +37,19 @@ class Regression(nn.Module):
 
 def plan():
     generator = torch.Generator().manual_seed(1)
-    return [[{"x": torch.randn(3, 4, generator=generator), "y": torch.randn(3, generator=generator)}
+    return [[MicroBatch({"x": torch.randn(3, 4, generator=generator), "y": torch.randn(3, generator=generator)}, 2)
              for _ in range(2)] for _ in range(SETTINGS.steps)]
 
 
 def run(module: Regression, folder, saved=None, resume=True):
-    parameters = dict(module.named_parameters())
-    return train(module, parameters, plan(), SETTINGS, folder, saved or {"config.yaml": "a: 1\n"}, resume=resume)
+    open_run(folder, saved or {"config.yaml": "a: 1\n"}, resume)
+    return train(module, dict(module.named_parameters()), plan(), SETTINGS, folder, seed_entropy=(5,))
 
 
 def test_a_resumed_run_ends_with_the_same_weights(tmp_path):
     straight = Regression()
     result = run(straight, tmp_path / "straight")
-    assert result.record.finished and len(result.record.losses) == SETTINGS.steps
+    assert result.finished and len(result.losses) == SETTINGS.steps
     interrupted = Regression(fail_at_call=7)  # the 4th step's first micro-batch: steps 1-2 are checkpointed
     with pytest.raises(KeyboardInterrupt):
         run(interrupted, tmp_path / "resumed")
@@ -81,14 +83,13 @@ def test_scheduled_loss_trains_through_a_pruning_schedule(tmp_path):
     labels[:, -2:] = batch["input_ids"][:, -2:]
     with torch.no_grad():
         features = model.model.vision_tower(batch["pixel_values"]).last_hidden_state[:, 1:]
-    micro = {"input_ids": batch["input_ids"], "labels": labels, "features": features,
-             "attention_mask": batch["attention_mask"]}
+    micro = MicroBatch({"input_ids": batch["input_ids"], "labels": labels, "scenes": torch.tensor([0, 1]),
+                        "attention_mask": batch["attention_mask"]})
     engine = ScheduledLLM(adapter, TokenSchedule(4, inject_layer=1, exit_layer=3, cuts={2: 0.5}))
-    module = ScheduledLoss(model, engine)
+    module = ScheduledLoss(model, engine, features)
     model.requires_grad_(False)
     adapter.projector.requires_grad_(True)
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     settings = SETTINGS.model_copy(update={"steps": 8, "learning_rate": 0.01})
-    result = train(module, parameters, [[micro]] * 8, settings, tmp_path, {"config.yaml": "x\n"})
-    losses = result.record.losses
+    losses = train(module, parameters, [[micro]] * 8, settings, tmp_path).losses
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

@@ -9,7 +9,7 @@ biases are elementwise and small beside them. A prefill of one prompt with one i
 - each LLM decoder layer: projections and MLP over the tokens in that layer's input (text + the visual
   tokens the schedule keeps there) and attention over the query-key pairs it computes, n(n+1)/2 for
   causal attention over n tokens;
-- token scoring before each cut (`efficient_models.token_scoring`): q for the query rows, k for every
+- token scoring before each cut (`efficient_models.token_schedule.scoring`): q for the query rows, k for every
   token, and the query rows' attention logits;
 - the LM head on the last token only (the one that predicts the first answer token).
 """
@@ -163,6 +163,15 @@ class ModelShapes:
                    visual_tokens_per_image=vision.patches + int(full and vision.class_token))
 
 
+# The embedded default model (DINOv2-small at 224 px -> 256 patches, 2-layer projector, SmolLM2-135M with an
+# added image token): what counts use when no model is loaded. A test checks it against the loaded model.
+DEFAULT_MODEL_SHAPES = ModelShapes(
+    decoder=SMOLLM2_135M, num_llm_layers=30,
+    vision=VisionShape(hidden=384, intermediate=1536, layers=12, patches=256, patch_size=14, channels=3,
+                       class_token=True),
+    projector_linears=((384, 576), (576, 576)), vocab_size=49153, visual_tokens_per_image=256)
+
+
 @dataclass
 class FlopsBreakdown:
     """FLOPs of one prompt's prefill, by part."""
@@ -241,18 +250,52 @@ def prefill_flops(model: Any, text_tokens: int, visual_per_layer: Sequence[int],
                           token_scoring=scoring, lm_head=2 * lm_head_tokens * decoder.hidden * shapes.vocab_size)
 
 
-def decode_flops(model: Any, text_tokens: int, visual_per_layer: Sequence[int], steps: int) -> float:
+def decode_flops(model: Any, text_tokens: int, visual_per_layer: Sequence[int], steps: int) -> FlopsBreakdown:
     """FLOPs of `steps` greedy decode steps after that prefill: one new token per step through every layer,
     attending to the layer's cached tokens (its prefill token set) and the tokens decoded so far, then the LM head."""
     shapes = shapes_of(model)
     check_layers(shapes, visual_per_layer)
     decoder = shapes.decoder
-    per_token = decoder.linear_flops(1) * shapes.num_llm_layers + 2 * decoder.hidden * shapes.vocab_size
-    keys = sum(steps * (text_tokens + kept) + causal_pairs(steps) for kept in visual_per_layer)
-    return steps * per_token + decoder.attention_pair_flops(keys)
+    layers = [steps * decoder.linear_flops(1)
+              + decoder.attention_pair_flops(steps * (text_tokens + kept) + causal_pairs(steps))
+              for kept in visual_per_layer]
+    return FlopsBreakdown(vision=0.0, projector=0.0, llm_layers=layers, token_scoring=0.0,
+                          lm_head=steps * 2 * decoder.hidden * shapes.vocab_size)
 
 
-def training_step_flops(forward: FlopsBreakdown) -> float:
+def training_step_flops(forward: FlopsBreakdown) -> FlopsBreakdown:
     """Forward and backward of a step that trains the projector and LLM over a frozen vision tower:
     the backward of a matrix product costs twice its forward (gradients of its input and of its weight)."""
-    return forward.vision + 3 * (forward.total - forward.vision)
+    return FlopsBreakdown(vision=forward.vision, projector=3 * forward.projector,
+                          llm_layers=[3 * layer for layer in forward.llm_layers],
+                          token_scoring=3 * forward.token_scoring, lm_head=3 * forward.lm_head)
+
+
+@dataclass
+class FlopsCount:
+    """What one prompt with one image costs a model variant: the visual tokens in each decoder layer's input
+    and, split by part, the prefill, `decode_steps` greedy decode steps after it, and a training step on the
+    prompt with `answer_tokens` supervised tokens (the LM head only where a label is)."""
+
+    visual_tokens_per_layer: list[float]
+    prefill: FlopsBreakdown
+    decode: FlopsBreakdown
+    training_step: FlopsBreakdown
+
+    @property
+    def average_visual_tokens(self) -> float:
+        return sum(self.visual_tokens_per_layer) / len(self.visual_tokens_per_layer)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def token_schedule_flops(model: Any, text_tokens: int, visual_per_layer: Sequence[int], answer_tokens: int = 1,
+                         decode_steps: int = 1) -> FlopsCount:
+    """The count of a model whose decoder layer l sees `visual_per_layer[l]` visual tokens (a token schedule:
+    dense, late injection, pruning, early exit), ranked before each cut by one query row."""
+    return FlopsCount(visual_tokens_per_layer=[float(kept) for kept in visual_per_layer],
+                      prefill=prefill_flops(model, text_tokens, visual_per_layer),
+                      decode=decode_flops(model, text_tokens, visual_per_layer, decode_steps),
+                      training_step=training_step_flops(prefill_flops(model, text_tokens, visual_per_layer,
+                                                                      lm_head_tokens=answer_tokens)))

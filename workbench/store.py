@@ -19,7 +19,6 @@ folder written for another model, data source, config or schema version is refus
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from workbench.errors import InputError
+from workbench.files import write_atomically, write_json_atomically
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -49,27 +49,15 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(temporary_path)`, then move the file into place in one rename."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _write_parquet(path: Path, table: pd.DataFrame) -> None:
-    _atomic_write(path, lambda target: table.to_parquet(target, index=False))
+    write_atomically(path, lambda target: table.to_parquet(target, index=False))
 
 
 def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-    _atomic_write(path, lambda target: save_file(contiguous, str(target)))
+    write_atomically(path, lambda target: save_file(contiguous, str(target)))
 
 
-def write_json(path: Path, value: Any) -> None:
-    _atomic_write(path, lambda target: target.write_text(json.dumps(value, indent=2, default=str) + "\n"))
 
 
 class RunStore:
@@ -148,7 +136,7 @@ class RunStore:
         return self.manifest["config"]
 
     def save_manifest(self) -> None:
-        write_json(self.folder / MANIFEST, self.manifest)
+        write_json_atomically(self.folder / MANIFEST, self.manifest)
 
     def record_skipped(self, skipped: Mapping[str, str]) -> None:
         """Images that could not be read (image id -> reason); the run goes on without them."""
@@ -186,7 +174,7 @@ class RunStore:
 
     def write_json(self, name: str, value: Any) -> Path:
         path = self.folder / f"{name}.json"
-        write_json(path, value)
+        write_json_atomically(path, value)
         return path
 
     def read_json(self, name: str) -> Any:
@@ -209,7 +197,7 @@ class RunStore:
         _write_parquet(self._part(name, index, ".parquet"), table)
         if tensors:
             _write_safetensors(self._part(name, index, ".safetensors"), tensors)
-        _atomic_write(self._part(name, index, ".done"), lambda target: target.write_text(""))
+        write_atomically(self._part(name, index, ".done"), lambda target: target.write_text(""))
 
     def read_part(self, name: str, index: int) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
         tensors_path = self._part(name, index, ".safetensors")

@@ -1,39 +1,23 @@
-"""The `wb` command line: inspect a model on an image, build the default model, benchmarks, data.
-
-Every `WorkbenchError` ends the command with one line on stderr and exit code 2; tracebacks
-are kept for real bugs.
+"""The base library's commands: inspect a model on an image, build the default model, data, evaluation,
+the tracing benchmark and the default model's training recipe. The `wb` root (`wb.cli`) mounts them.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from analyses.cli import analyze_app
 from workbench.console import MODEL_OPTION, console, load_with_notes, status_console
-from workbench.errors import WorkbenchError
 
-app = typer.Typer(help="Multimodal LLM workbench: look inside vision-language models and slim them down.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Build and describe models.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks that print ratios measured in one run.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: probe scenes with ground truth.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
-app.add_typer(bench_app, name="bench")
-app.add_typer(data_app, name="data")
 eval_app = typer.Typer(help="Evaluations: accuracy on held-out probe scenes.", no_args_is_help=True)
-app.add_typer(eval_app, name="eval")
-train_app = typer.Typer(help="Training recipes that produce the weights the workbench ships.", no_args_is_help=True)
-app.add_typer(train_app, name="train")
-app.add_typer(analyze_app, name="analyze")
 
 
-@app.command()
 def inspect(
     image: str = typer.Argument(..., help="An image path, sample:NAME (astronaut, chelsea, coffee, rocket, china, flower) or probe:SPLIT:INDEX."),
     model: str = MODEL_OPTION,
@@ -85,46 +69,6 @@ def supported() -> None:
         print(model_type)
 
 
-@bench_app.callback(invoke_without_command=True)
-def bench(
-    ctx: typer.Context,
-    variants: str = typer.Option("dense,fastv,pdrop", help="Comma-separated: dense, fastv, pdrop, fastv-matched "
-                                                           "(FastV at HiDrop's visual tokens per layer), hidrop "
-                                                           "(trained run), hidrop-dropin (its schedule, dense weights)."),
-    hidrop_run: Path | None = typer.Option(None, "--hidrop-run", help="A finished `wb train hidrop` run folder."),
-    hidrop_config: Path | None = typer.Option(None, "--hidrop-config",
-                                              help="HiDrop config YAML for hidrop-dropin and fastv-matched "
-                                                   "(default: the run's config.yaml)."),
-    n: int = typer.Option(120, "--n", min=1, help="Probe-scene questions for accuracy."),
-    split: str = typer.Option("test", help="train, val or test."),
-    batch_size: int = typer.Option(8, min=1, help="Questions per batch; the timed batch is the first one."),
-    repeats: int = typer.Option(5, min=1, help="Timed repeats (medians are reported)."),
-    decode_steps: int = typer.Option(16, min=1, help="Greedy steps timed for decode throughput."),
-    out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for bench.json and the accuracy-vs-FLOPs plot."),
-    model: str = MODEL_OPTION,
-) -> None:
-    """Dense vs token schedules on the same inputs: accuracy, counted FLOPs, speed and memory ratios to dense."""
-    if ctx.invoked_subcommand is not None:
-        return
-    from efficient_models.bench import build_variants, print_report, run_probe_benchmark, write_report
-
-    names = [name.strip() for name in variants.split(",") if name.strip()]
-    with status_console.status(f"loading {model} for {', '.join(names)} ..."):
-        built = build_variants(names, model, hidrop_run, hidrop_config)
-    with Progress(console=status_console, transient=True) as progress:
-        task = progress.add_task("benchmark", total=None)
-        report = run_probe_benchmark(built, split=split, n=n, batch_size=batch_size, repeats=repeats,
-                                     decode_steps=decode_steps,
-                                     progress=lambda stage, done, total: progress.update(
-                                         task, description=stage, completed=done, total=total))
-    for note in report.notes:
-        status_console.print(f"[yellow]note:[/] {note}")
-    print_report(report, console)
-    json_path, plot_path = write_report(report, out)
-    console.print(f"wrote {json_path} and {plot_path}")
-
-
-@bench_app.command("trace")
 def bench_trace(
     model: str = MODEL_OPTION,
     image: str = typer.Option("sample:astronaut", help="Image for the batch."),
@@ -203,7 +147,6 @@ def eval_vqa(
     console.print(examples)
 
 
-@train_app.command("default")
 def train_default(
     config: Path | None = typer.Option(None, "--config", help="Recipe YAML (default: the shipped recipe)."),
     out: Path | None = typer.Option(None, "--out", help="Run folder (default: runs/train-default, "
@@ -215,9 +158,10 @@ def train_default(
     smoke: bool = typer.Option(False, "--smoke", help="4 steps per stage on 8 scenes: checks wiring, times steps."),
 ) -> None:
     """Train the default model: projector on captions, then projector + LoRA on questions (about an hour on 2 cores)."""
+    from workbench.default_recipe.install import install_run, verify_installation
+    from workbench.default_recipe.recipe import DEFAULT_RECIPE, RecipeError, load_recipe, smoke_recipe
+    from workbench.default_recipe.train import train_default_model
     from workbench.models.default_model import DEFAULT_WEIGHTS_DIR
-    from workbench.recipes.config import DEFAULT_RECIPE, RecipeError, load_recipe, smoke_recipe
-    from workbench.recipes.default_model import install_run, train_default_model, verify_installation
 
     if smoke and install:
         raise RecipeError("a --smoke run only checks the wiring; its weights are not for installing")
@@ -240,96 +184,3 @@ def train_default(
             verify_installation()
         console.print(f"installed {len(installed)} files into {DEFAULT_WEIGHTS_DIR}; "
                       "load_model('default') applies them")
-
-
-@train_app.command("hidrop")
-def train_hidrop(
-    config: Path = typer.Option(..., "--config", help="A hidrop config from `wb export-config --method hidrop`."),
-    recipe: Path | None = typer.Option(None, "--recipe", help="Fine-tuning recipe YAML (default: the shipped one)."),
-    init: str = typer.Option("dense", "--init", help="dense: start from the trained default model."),
-    out: Path = typer.Option(Path("runs/train-hidrop"), "--out", help="Run folder."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint, or start over."),
-    steps: int | None = typer.Option(None, "--steps", min=1, help="Override the recipe's number of steps."),
-    smoke: bool = typer.Option(False, "--smoke", help="4 steps on 8 scenes: checks the wiring, times steps."),
-) -> None:
-    """Fine-tune the default model (projector + LoRA) with a HiDrop schedule active."""
-    from efficient_models.hidrop_training import DEFAULT_RECIPE, load_recipe, smoke_recipe, train_hidrop
-    from workbench.configs import HiDropConfig, load_config
-
-    schedule_config = load_config(config)
-    if not isinstance(schedule_config, HiDropConfig):
-        raise WorkbenchError(f"{config} is a {schedule_config.method!r} config; `wb train hidrop` needs a hidrop one")
-    settings = load_recipe(recipe or DEFAULT_RECIPE)
-    if init != settings.init:
-        raise WorkbenchError(f"--init {init!r} is not available; the recipe starts from {settings.init!r}")
-    if steps is not None:
-        settings = settings.model_copy(update={"optimisation": settings.optimisation.model_copy(update={"steps": steps})})
-    settings = smoke_recipe(settings) if smoke else settings
-    try:
-        run = train_hidrop(schedule_config, settings, out, resume=resume)
-    except KeyboardInterrupt:
-        status_console.print(f"interrupted; `wb train hidrop --config {config} --out {out}` continues")
-        raise typer.Exit(130) from None
-    record = run.result.record
-    console.print(f"{run.schedule.describe(run.num_visual)}: {record.step} steps, "
-                  f"median {run.result.median_step_seconds:.2f} s/step, loss {record.losses[0]:.3f} -> "
-                  f"{record.losses[-1]:.3f}; run folder {run.run_dir}")
-
-
-@app.command("export-config")
-def export_config(
-    run: Path = typer.Option(..., "--run", help="A finished analysis run folder."),
-    method: str = typer.Option(..., "--method", help="prune (tokens run), injection (alignment or similarity run), "
-                                                     "hidrop or vica (similarity run)."),
-    out: Path = typer.Option(..., "--out", help="The YAML file to write."),
-    token_budget: float | None = typer.Option(
-        None, "--token-budget", min=0.0, max=1.0,
-        help="hidrop: keep the run's entry and exit layers and fit a concave schedule to this share of dense "
-             "visual-token-layers (e.g. 0.1, like HiDrop's Tok48)."),
-) -> None:
-    """Write what a run found as a validated, versioned config for an efficient model."""
-    from workbench.configs import build_config, load_config, write_config
-
-    config = build_config(run, method)
-    if token_budget is not None:
-        from efficient_models.schedule import from_config, with_token_budget
-
-        if method != "hidrop":
-            raise WorkbenchError("--token-budget applies to --method hidrop")
-        config = with_token_budget(config, token_budget)
-        share = from_config(config).token_layer_fraction(576)
-        console.print(f"concave schedule, power {config.schedule_power}: {share:.1%} of dense visual-token-layers")
-    path = write_config(config, out)
-    load_config(path)  # what training will read must validate
-    console.print(f"wrote {path}")
-
-
-@app.command("app")
-def browser_app(
-    port: int = typer.Option(8501, "--port", help="Port to serve on (localhost)."),
-    model: str = MODEL_OPTION,
-    headless: bool = typer.Option(True, "--headless/--open-browser", help="Only print the URL, or also open a browser."),
-) -> None:
-    """The browser app (Streamlit): explore token categories, layers and runs, export configs."""
-    import importlib.util
-    import os
-    import subprocess
-
-    script = importlib.util.find_spec("apps.workbench_app").origin
-    console.print(f"workbench app on [bold]http://localhost:{port}[/] (model {model}); Ctrl-C stops it")
-    argv = [sys.executable, "-m", "streamlit", "run", script, "--server.port", str(port),
-            "--server.address", "localhost", "--server.headless", str(headless).lower(),
-            "--browser.gatherUsageStats", "false"]
-    try:
-        code = subprocess.call(argv, env=os.environ | {"WB_APP_MODEL": model})
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code)
-
-
-def main() -> None:
-    try:
-        app()
-    except WorkbenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)

@@ -8,7 +8,7 @@ and attention edges change:
 - `block_visual_to_visual` / `block_text_to_visual`: layers where those attention edges are cut.
 
 Changing *which* visual tokens a layer sees (late entry, early exit, pruning, removing tokens)
-is `efficient_models.scheduled_llm`'s job: the one implementation of token sets.
+is `efficient_models.token_schedule.engine`'s job: the one implementation of token sets.
 
 Layers are 0-indexed decoder layers. Needs eager or SDPA attention (FlashAttention takes no mask).
 """

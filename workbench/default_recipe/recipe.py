@@ -5,7 +5,6 @@ Unknown keys and bad values are refused with a one-line `RecipeError` naming the
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,8 +12,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from workbench.errors import WorkbenchError
+from workbench.training.lora import LoraSettings
+from workbench.training.optimisation import AdamWSchedule, Optimisation
 
-DEFAULT_RECIPE = Path(__file__).with_name("default_model.yaml")
+DEFAULT_RECIPE = Path(__file__).with_name("recipe.yaml")
 StageName = Literal["stage1", "stage2"]
 
 
@@ -23,40 +24,11 @@ class RecipeError(WorkbenchError):
 
 
 
-class AdamWSchedule(BaseModel):
-    """AdamW with linear warmup over `warmup_steps`, then cosine decay to `final_learning_rate_ratio` of the peak."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(gt=0)
-    learning_rate: float = Field(gt=0)
-    warmup_steps: int = Field(ge=0)
-    final_learning_rate_ratio: float = Field(ge=0, le=1)
-    weight_decay: float = Field(ge=0)
-    max_grad_norm: float = Field(gt=0)
-
-    def learning_rate_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.learning_rate * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        ratio = self.final_learning_rate_ratio
-        return self.learning_rate * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 class StageConfig(AdamWSchedule):
     """One stage of the default recipe: its optimisation and how many conversations make a step."""
 
     conversations_per_step: int = Field(gt=0)
     micro_batch_size: int = Field(gt=0)
-
-
-class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rank: int = Field(gt=0)
-    alpha: float = Field(gt=0)
-    dropout: float = Field(ge=0, lt=1)
-    target_modules: list[str] = Field(min_length=1)  # module names inside the LLM's decoder layers
 
 
 class QAStageConfig(StageConfig):
@@ -81,6 +53,12 @@ class RecipeConfig(BaseModel):
 
     def stage(self, name: StageName) -> StageConfig:
         return getattr(self, name)
+
+    def optimisation(self, name: StageName) -> Optimisation:
+        """The stage's schedule with the run-wide precision, checkpoint interval and seed, as the loop takes it."""
+        schedule = AdamWSchedule.model_fields
+        return Optimisation(**{key: getattr(self.stage(name), key) for key in schedule}, precision=self.precision,
+                            checkpoint_every=self.checkpoint_every, seed=self.seed)
 
 
 def parse_recipe(data: Any, source: str) -> RecipeConfig:

@@ -4,7 +4,7 @@ Read top to bottom, `ScheduledLLM.forward` is the decoder loop of the Hugging Fa
 change: the sequence a layer runs on is a *token set* (original indices + validity, per row) that
 changes between layers. Layers before the entry layer run on text only; at the entry layer the raw
 projector outputs are put back at their slots; before a cut the visual tokens are ranked by the
-attention of a few query rows (`token_scoring`) and the best are kept; from the exit layer on only
+attention of a few query rows (`scoring`) and the best are kept; from the exit layer on only
 text is left. Tokens are physically removed, so the FLOPs and time saved are real.
 
 Positions persist: every token keeps the rotary position it has in the full prompt (gaps allowed)
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from efficient_models.schedule import TokenSchedule
-from efficient_models.token_scoring import differentiable_keep, query_attention_scores
+from efficient_models.token_schedule.schedule import TokenSchedule
+from efficient_models.token_schedule.scoring import differentiable_keep, query_attention_scores
 from workbench.errors import InputError
 from workbench.models.adapter import ArchitectureAdapter
 

@@ -1,0 +1,56 @@
+"""The `wb` command line, mounted from the floors: each floor owns its commands, this root puts them together.
+
+- workbench: `inspect`, `models`, `data`, `eval`, `bench trace`, `train default`;
+- efficient_models: `train <method>` and `bench` for every registered method, `export-config`;
+- analyses: `analyze ...`;
+- apps: `app`.
+Every `WorkbenchError` ends the command with one line on stderr and exit code 2; tracebacks are kept for
+real bugs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from analyses.analyze_commands import analyze_app
+from apps.app_command import serve
+from efficient_models.method_commands import bench_command, export_command, train_commands
+from workbench import core_commands as core
+from workbench.errors import WorkbenchError
+
+
+def build_app() -> typer.Typer:
+    """The command line as the registry stands now (a method registered later needs a new build)."""
+    app = typer.Typer(help="Multimodal LLM workbench: look inside vision-language models and slim them down.",
+                      no_args_is_help=True, pretty_exceptions_enable=False)
+    app.command()(core.inspect)
+    app.add_typer(core.models_app, name="models")
+    app.add_typer(core.data_app, name="data")
+    app.add_typer(core.eval_app, name="eval")
+
+    train_app = typer.Typer(help="Training: the default model's recipe and every method's training entry.",
+                            no_args_is_help=True)
+    train_app.command("default")(core.train_default)
+    for name, command, summary in train_commands():
+        train_app.command(name, help=summary)(command)
+    app.add_typer(train_app, name="train")
+
+    bench_app = typer.Typer(help="Benchmarks that print ratios measured in one run.")
+    bench_app.callback(invoke_without_command=True)(bench_command())
+    bench_app.command("trace")(core.bench_trace)
+    app.add_typer(bench_app, name="bench")
+
+    app.command("export-config")(export_command())
+    app.add_typer(analyze_app, name="analyze")
+    app.command("app")(serve)
+    return app
+
+
+def main() -> None:
+    try:
+        build_app()()
+    except WorkbenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,216 @@
+"""`wb train default`: the training recipe of the embedded default model, LLaVA-1.5 style, on probe scenes.
+
+Stage 1 trains the projector alone on captions ("Describe the image." -> caption), vision tower and
+LLM frozen; stage 2 trains the projector and a LoRA adapter on the LLM on the scenes' question/answer
+pairs, several per conversation (`workbench.training.sequences`). The vision tower never changes, so
+its output (what the projector consumes) is computed once per run and cached; a step builds the LLM's
+input embeddings from token embeddings plus projected cached features and computes logits only where a
+label is.
+
+Both stages run on the shared loop (`workbench.training.loop`), each with its own checkpoints, so a
+resumed run ends with the same weights as an uninterrupted one. The run folder ends up with
+`projector.safetensors`, `lora/`, `recipe.yaml` and `metrics.json`; `install.install_run` copies them
+to where `load_model("default")` applies them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import peft
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from workbench.default_recipe.recipe import RecipeConfig, StageName, recipe_yaml
+from workbench.files import write_json_atomically
+from workbench.models.adapter import ArchitectureAdapter, adapter_for
+from workbench.models.default_model import build_default_model
+from workbench.models.loading import default_device
+from workbench.training.batches import micro_batches, plan_steps, supervised_count
+from workbench.training.features import SceneText, embeddings_from_features, prepare_features
+from workbench.training.lora import add_lora, trainable_parameters
+from workbench.training.loop import Step, TrainingRecord, TrainingResult, finished_record, open_run, train
+from workbench.training.metrics import hardware, loss_summary, versions
+from workbench.training.sequences import (
+    IGNORE_INDEX,
+    Conversation,
+    TokenisedConversation,
+    caption_conversation,
+    qa_conversations,
+    tokenise_conversation,
+)
+
+DEFAULT_RUN_DIR = Path("runs/train-default")
+PROJECTOR_PREFIX = "multi_modal_projector."  # the key format `load_default_model` expects
+OUTPUTS = ("projector.safetensors", "lora", "metrics.json")
+# Each use of randomness draws from its own seeded stream, tagged by its first entropy word.
+SCENE_ORDER_STREAM, QA_PACKING_STREAM, STEP_ORDER_STREAM, STEP_SEED_STREAM, LORA_INIT_STREAM = range(5)
+STAGES: tuple[StageName, ...] = ("stage1", "stage2")
+STAGE_TITLES = {"stage1": "projector on captions", "stage2": "projector + LoRA on questions"}
+
+
+def seed_from(*entropy: int) -> int:
+    return int(np.random.default_rng(list(entropy)).integers(2**62))
+
+
+def stage_number(stage: StageName) -> int:
+    return int(stage[-1])
+
+
+def load_base_model() -> tuple[LlavaForConditionalGeneration, Any]:
+    """The cached default-model assembly with its untrained projector: training never starts from shipped weights."""
+    cache_dir = build_default_model()
+    model = LlavaForConditionalGeneration.from_pretrained(cache_dir, dtype=torch.float32, attn_implementation="sdpa")
+    return model, AutoProcessor.from_pretrained(cache_dir)
+
+
+# --- the step plan ---------------------------------------------------------------------
+
+
+def stage_conversations(config: RecipeConfig, stage: StageName, scenes: Sequence[SceneText]) -> list[Conversation]:
+    """The stage's conversations in training order: epochs over the scenes, each in a seeded order."""
+    stage_config = config.stage(stage)
+    needed = stage_config.steps * stage_config.conversations_per_step
+    conversations: list[Conversation] = []
+    epoch = 0
+    while len(conversations) < needed:
+        order = np.random.default_rng([SCENE_ORDER_STREAM, config.seed, stage_number(stage), epoch]).permutation(
+            len(scenes))
+        for index in map(int, order):
+            if stage == "stage1":
+                conversations.append(caption_conversation(index, scenes[index].caption))
+            else:
+                rng = np.random.default_rng([QA_PACKING_STREAM, config.seed, epoch, index])
+                conversations += qa_conversations(index, scenes[index].qa, rng, config.stage2.max_turns,
+                                                  config.stage2.single_question_fraction)
+        epoch += 1
+    return conversations[:needed]
+
+
+def stage_plan(config: RecipeConfig, stage: StageName, scenes: Sequence[SceneText], processor: Any,
+               image_tokens: int) -> list[list[TokenisedConversation]]:
+    conversations = [tokenise_conversation(processor, conversation, image_tokens)
+                     for conversation in stage_conversations(config, stage, scenes)]
+    rng = np.random.default_rng([STEP_ORDER_STREAM, config.seed, stage_number(stage)])
+    return plan_steps(conversations, config.stage(stage).conversations_per_step, rng)
+
+
+# --- the loss ---------------------------------------------------------------------------
+
+
+def supervised_logits(adapter: ArchitectureAdapter, input_ids: torch.Tensor, labels: torch.Tensor,
+                      features: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32) at the positions that predict a label, and those labels: only there is the LM
+    head applied, since the other 49k-way logits would be thrown away."""
+    embeddings = embeddings_from_features(adapter, input_ids, features)
+    hidden = adapter.language_model(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    supervised = targets != IGNORE_INDEX
+    return adapter.lm_head(hidden[:, :-1][supervised]).float(), targets[supervised]
+
+
+class CachedFeatureLoss(nn.Module):
+    """Summed cross entropy of the supervised tokens of a micro-batch over cached vision features; the loop
+    divides it by the step's supervised-token count, so every label token weighs the same in a step."""
+
+    def __init__(self, adapter: ArchitectureAdapter, features: torch.Tensor):
+        super().__init__()
+        self.model, self.adapter = adapter.model, adapter  # `model` registered so accelerate sees the weights
+        self.register_buffer("features", features, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, scenes: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        logits, targets = supervised_logits(self.adapter, input_ids, labels, self.features[scenes].float(),
+                                            attention_mask)
+        return nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+# --- metrics and outputs -------------------------------------------------------------------
+
+
+def stage_metrics(record: TrainingRecord, plan: Sequence[Sequence[TokenisedConversation]],
+                  config: RecipeConfig, stage: StageName) -> dict[str, Any]:
+    conversations = [conversation for step in plan for conversation in step]
+    return {"steps": record.step, "conversations": len(conversations),
+            "answers": sum(conversation.num_answers for conversation in conversations),
+            "supervised_tokens": sum(map(supervised_count, conversations)),
+            "tokens": sum(conversation.length for conversation in conversations),
+            "learning_rate": config.stage(stage).learning_rate, **loss_summary(record)}
+
+
+def run_metrics(config: RecipeConfig, stages: dict[str, dict[str, Any]], feature_seconds: float,
+                device: torch.device) -> dict[str, Any]:
+    return {"recipe_seed": config.seed, "train_scenes": config.train_scenes, "precision": config.precision,
+            "feature_seconds": round(feature_seconds, 1),
+            "total_seconds": round(feature_seconds + sum(stage["seconds"] for stage in stages.values()), 1),
+            "stages": stages, "hardware": hardware(device), "versions": versions()}
+
+
+def save_outputs(run_dir: Path, adapter: ArchitectureAdapter, peft_model: peft.PeftModel) -> None:
+    projector = {PROJECTOR_PREFIX + name: tensor.detach().cpu().contiguous()
+                 for name, tensor in adapter.projector.state_dict().items()}
+    save_file(projector, run_dir / "projector.safetensors")
+    # The adapter does not touch the embeddings; saying so skips peft's lookup of the base model's files.
+    peft_model.save_pretrained(run_dir / "lora", save_embedding_layers=False)
+
+
+# --- the run -------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+BaseModelLoader = Callable[[], tuple[LlavaForConditionalGeneration, Any]]
+
+
+def train_default_model(config: RecipeConfig, run_dir: Path = DEFAULT_RUN_DIR, resume: bool = True,
+                        base_model_loader: BaseModelLoader = load_base_model) -> TrainingResult:
+    """Run (or continue) the recipe in `run_dir`; a finished run is returned as it is."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if open_run(run_dir, {"recipe.yaml": recipe_yaml(config)}, resume, outputs=OUTPUTS) and metrics_path.is_file():
+        finished = {stage: finished_record(run_dir, stage) for stage in STAGES}
+        if all(finished.values()):
+            return TrainingResult(run_dir, finished, json.loads(metrics_path.read_text()))
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    seed_everything(config.seed)
+    device = torch.device(default_device())
+    model, processor = base_model_loader()
+    model.to(device).eval()
+    adapter = adapter_for(model)
+    cached = prepare_features(adapter, processor, config.train_scenes, config.feature_batch_size, run_dir, device)
+    model.train()  # for LoRA dropout; the LLM itself has none
+    loss = CachedFeatureLoss(adapter, cached.features.to(device))
+    pad = processor.tokenizer.pad_token_id
+    records: dict[str, TrainingRecord] = {}
+    stage_metrics_by_name: dict[str, dict[str, Any]] = {}
+    peft_model = None
+    model.requires_grad_(False)
+    adapter.projector.requires_grad_(True)
+    for stage in STAGES:
+        if stage == "stage2":
+            peft_model = add_lora(adapter, config.stage2.lora, seed_from(LORA_INIT_STREAM, config.seed))
+        settings = config.stage(stage)
+        conversations = stage_plan(config, stage, cached.scenes, processor, cached.features.shape[1])
+        plan: list[Step] = [micro_batches(step, settings.micro_batch_size, pad, per_token=True)
+                            for step in conversations]
+        records[stage] = train(loss, trainable_parameters(model), plan, config.optimisation(stage), run_dir,
+                               stage=stage, seed_entropy=(STEP_SEED_STREAM, config.seed, stage_number(stage)),
+                               description=f"{stage} ({STAGE_TITLES[stage]})")
+        stage_metrics_by_name[stage] = stage_metrics(records[stage], conversations, config, stage)
+    metrics = run_metrics(config, stage_metrics_by_name, cached.seconds, device)
+    save_outputs(run_dir, adapter, peft_model)
+    write_json_atomically(metrics_path, metrics)
+    return TrainingResult(run_dir, records, metrics)

@@ -1,0 +1,130 @@
+"""The frozen vision tower's output for a run's training scenes, computed once and cached beside the run.
+
+The cache (float16 safetensors + the scenes' texts as JSONL) is keyed by the split, the scene count and
+a fingerprint of the vision tower, so a cache from another model or recipe is recomputed, not reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import safe_open, save_file
+from tqdm.auto import tqdm
+
+from workbench.data.probe_scenes import QAPair, iter_split, scene_seed
+from workbench.files import write_atomically, write_text_atomically
+from workbench.models.adapter import ArchitectureAdapter
+
+TRAIN_SPLIT = "train"
+FEATURES_FILE, SCENES_FILE = "features.safetensors", "scenes.jsonl"
+SECONDS_KEY = "seconds"  # metadata: how long the extraction took (not part of the cache key)
+
+
+def projector_inputs(adapter: ArchitectureAdapter, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What the projector consumes for these images, captured at its input inside `get_image_features`."""
+    captured: list[torch.Tensor] = []
+    hook = adapter.projector.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    config = adapter.model.config
+    try:
+        with torch.no_grad():
+            adapter.model.get_image_features(pixel_values=pixel_values,
+                                             vision_feature_layer=config.vision_feature_layer,
+                                             vision_feature_select_strategy=config.vision_feature_select_strategy)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+def vision_fingerprint(adapter: ArchitectureAdapter) -> str:
+    """Identifies the frozen vision tower and feature selection, so a cache from another model is not reused."""
+    digest = hashlib.sha256()
+    config = adapter.model.config
+    digest.update(f"{config.vision_feature_layer}/{config.vision_feature_select_strategy}".encode())
+    for name, tensor in adapter.vision_tower.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class SceneText:
+    """What a cached scene is trained on; its pixels live on only as cached features."""
+
+    seed: int
+    caption: str
+    qa: list[QAPair]
+
+
+@dataclass
+class CachedFeatures:
+    scenes: list[SceneText]
+    features: torch.Tensor  # [scenes, visual tokens, vision width] float16: the projector's inputs
+    seconds: float  # how long extracting them took, when they were computed
+
+
+def feature_metadata(train_scenes: int, fingerprint: str) -> dict[str, str]:
+    return {"split": TRAIN_SPLIT, "first_seed": str(scene_seed(TRAIN_SPLIT, 0)), "scenes": str(train_scenes),
+            "vision": fingerprint}
+
+
+def read_cached_features(run_dir: Path, metadata: dict[str, str]) -> CachedFeatures | None:
+    features_path, scenes_path = run_dir / FEATURES_FILE, run_dir / SCENES_FILE
+    if not (features_path.is_file() and scenes_path.is_file()):
+        return None
+    with safe_open(features_path, framework="pt") as cache:
+        saved = dict(cache.metadata() or {})
+        seconds = float(saved.pop(SECONDS_KEY, "nan"))
+        if saved != metadata:
+            return None
+        features = cache.get_tensor("features")
+    scenes = [SceneText(record["seed"], record["caption"], [QAPair(**pair) for pair in record["qa"]])
+              for record in map(json.loads, scenes_path.read_text().splitlines())]
+    return CachedFeatures(scenes, features, seconds)
+
+
+def extract_features(adapter: ArchitectureAdapter, processor: Any, train_scenes: int, batch_size: int, run_dir: Path,
+                     metadata: dict[str, str], device: torch.device) -> None:
+    """Render the run's scenes, run the vision tower once over them and cache its output (float16) with the texts."""
+    started = time.perf_counter()
+    scenes = iter_split(TRAIN_SPLIT, train_scenes)
+    chunks: list[torch.Tensor] = []
+    texts: list[str] = []
+    with tqdm(total=train_scenes, desc="vision features", unit="scene") as progress:
+        while len(texts) < train_scenes:
+            batch = [next(scenes) for _ in range(min(batch_size, train_scenes - len(texts)))]
+            pixel_values = processor.image_processor([scene.image for scene in batch], return_tensors="pt")
+            chunks.append(projector_inputs(adapter, pixel_values["pixel_values"].to(device)).half().cpu())
+            texts += [json.dumps({"seed": scene.seed, "caption": scene.caption,
+                                  "qa": [asdict(pair) for pair in scene.qa]}) for scene in batch]
+            progress.update(len(batch))
+    write_text_atomically(run_dir / SCENES_FILE, "\n".join(texts) + "\n")
+    stamped = metadata | {SECONDS_KEY: f"{time.perf_counter() - started:.1f}"}
+    write_atomically(run_dir / FEATURES_FILE,
+                     lambda target: save_file({"features": torch.cat(chunks)}, str(target), metadata=stamped))
+
+
+def prepare_features(adapter: ArchitectureAdapter, processor: Any, train_scenes: int, batch_size: int, run_dir: Path,
+                     device: torch.device) -> CachedFeatures:
+    """The first `train_scenes` train scenes' texts and vision features, from the cache in `run_dir` (computed
+    first if it is missing or was made by another vision tower)."""
+    metadata = feature_metadata(train_scenes, vision_fingerprint(adapter))
+    cached = read_cached_features(run_dir, metadata)
+    if cached is None:
+        extract_features(adapter, processor, train_scenes, batch_size, run_dir, metadata, device)
+        cached = read_cached_features(run_dir, metadata)  # train on what the cache holds, resumed or not
+    return cached
+
+
+def embeddings_from_features(adapter: ArchitectureAdapter, input_ids: torch.Tensor,
+                             features: torch.Tensor) -> torch.Tensor:
+    """The LLM's input embeddings from cached projector inputs, equal to the model's own forward on pixels:
+    the projected features replace the image tokens' embeddings in order, as `LlavaModel.forward` scatters them."""
+    embeddings = adapter.embed_tokens(input_ids)
+    visual = adapter.projector(features).to(embeddings.dtype)
+    return embeddings.masked_scatter(adapter.visual_token_mask(input_ids)[..., None], visual)
