@@ -7,6 +7,8 @@ import pytest
 
 from efficient_models.registry import load_config
 
+pytestmark = pytest.mark.slow  # every analysis end to end on the real default model
+
 
 @pytest.fixture(scope="module")
 def tokens_run(default_model, tmp_path_factory):

@@ -21,7 +21,7 @@ APP = Path(__file__).resolve().parents[1] / "apps" / "workbench_app.py"
 START_TIMEOUT = 120  # s until the server answers
 OVERLAY_TIMEOUT = 300  # s until the first overlay: a cold model load, a tokens run for the rule, a trace
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # the app in headless Chromium on the default model
 
 
 def _free_port() -> int:

@@ -102,6 +102,7 @@ def test_converted_dinov2_matches_onnxruntime(onnx_path: Path, converted_dinov2)
     np.testing.assert_allclose(outputs.last_hidden_state.numpy(), onnx_final_norm, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_llava_vision_tower_holds_the_converted_weights(default_model, converted_dinov2) -> None:
     model, _, _ = default_model
     tower_state = model.model.vision_tower.state_dict()
@@ -109,6 +110,7 @@ def test_llava_vision_tower_holds_the_converted_weights(default_model, converted
         torch.testing.assert_close(tower_state[name], tensor, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_smollm2_from_gguf_answers_a_simple_question() -> None:
     model, tokenizer = dm.load_smollm2(dm.packaged_file(*dm.LANGUAGE_SOURCE))
     answer = generate_answer(model, tokenizer, [{"role": "user", "content": CAPITAL_QUESTION}])

@@ -124,6 +124,7 @@ def test_qa_packing_uses_every_pair_once_within_the_turn_limit(single_question_f
 # --- the cached-feature forward ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cached_feature_forward_equals_the_model_forward(default_model, processor, scene):
     tokenised = tokenise_conversation(processor, Conversation(0, qa_turns(scene, 2)), NUM_IMAGE_TOKENS)
     pixel_values = processor.image_processor([scene.image], return_tensors="pt")["pixel_values"]
@@ -223,6 +224,7 @@ def test_training_reduces_the_loss_in_both_stages(tmp_path, tiny_loader):
     assert {"cpu", "cpu_cores", "gpu"} <= set(metrics["hardware"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, step", [("stage1", 4), ("stage2", 5)])
 def test_resuming_after_an_interruption_gives_identical_weights(tmp_path, monkeypatch, tiny_loader, finished_run,
                                                                 stage, step):

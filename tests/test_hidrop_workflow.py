@@ -13,6 +13,8 @@ from efficient_models.hidrop.pyramid import hidrop_schedule
 from efficient_models.registry import load_config
 from workbench.store import RunStore
 
+pytestmark = pytest.mark.slow  # export, fine-tune and bench on the real default model: minutes
+
 LAYERS = 30  # the default model's LLM
 
 

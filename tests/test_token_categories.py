@@ -82,6 +82,7 @@ def test_auto_rule_finds_the_planted_dead_and_sink_tokens(planted, tmp_path):
     assert set(table["patch_kind"]) <= {"object", "text", "background"}
 
 
+@pytest.mark.slow
 def test_resuming_a_tokens_run_gives_the_same_table(default_model, tmp_path):
     images = resolve_image_set("probe:test:3")
     config = TokensConfig(batch_size=1)

@@ -111,6 +111,7 @@ def test_no_vision_hook_is_removed_on_error(default_model):
     assert not default_model.adapter.projector._forward_hooks
 
 
+@pytest.mark.slow
 def test_batched_generation_equals_one_by_one(default_model):
     questions = select_questions("test", 4)  # colour, shape, count, position: prompts of different lengths
     images = [scene.image for scene, _ in questions]
@@ -142,6 +143,7 @@ def test_a_generator_gives_the_answers_and_the_no_vision_run_can_be_skipped(defa
     assert all(example.no_vision_prediction is None for examples in report.examples.values() for example in examples)
 
 
+@pytest.mark.slow
 def test_wb_eval_vqa_json(default_model, run_wb):
     code, out, _ = run_wb("eval", "vqa", "--n", "6", "--json", model=default_model)
     assert code == 0
