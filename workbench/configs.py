@@ -92,11 +92,15 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def yaml_text(model: BaseModel, header: str) -> str:
+    """A config or recipe as YAML under a one-line comment."""
+    return f"# {header}\n" + yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
+
+
 def config_yaml(config: MethodConfig, header: str | None = None) -> str:
     """The config as commented YAML: the header says where it came from."""
     source = f"exported from {config.provenance.run}" if config.provenance else "written by hand"
-    header = header or f"{config.method} config, {source}"
-    return f"# {header}\n" + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return yaml_text(config, header or f"{config.method} config, {source}")
 
 
 def write_config(config: MethodConfig, out: str | Path, header: str | None = None) -> Path:

@@ -29,13 +29,14 @@ from efficient_models.registry import RUN_CONFIG
 from efficient_models.token_schedule.engine import ScheduledLLM
 from efficient_models.token_schedule.scheduled_model import answer_loss, visual_tokens_per_image
 from efficient_models.token_schedule.schedule import TokenSchedule
+from workbench.configs import yaml_text
 from workbench.errors import InputError
 from workbench.files import write_json_atomically
 from workbench.models.loading import load_model
 from workbench.training.batches import micro_batches, plan_steps
 from workbench.training.features import embeddings_from_features, prepare_features
 from workbench.training.lora import LoraSettings, add_lora, trainable_parameters
-from workbench.training.loop import TrainingRecord, TrainingResult, open_run, train, yaml_text
+from workbench.training.loop import TrainingRecord, TrainingResult, open_run, train
 from workbench.training.metrics import hardware, loss_summary, versions
 from workbench.training.sequences import qa_conversations, tokenise_conversation
 from workbench.training.optimisation import Optimisation

@@ -140,7 +140,7 @@ class CachedFeatureLoss(nn.Module):
 def stage_metrics(record: TrainingRecord, plan: Sequence[Sequence[TokenisedConversation]],
                   config: RecipeConfig, stage: StageName) -> dict[str, Any]:
     conversations = [conversation for step in plan for conversation in step]
-    return {"steps": record.step, "conversations": len(conversations),
+    return {"conversations": len(conversations),
             "answers": sum(conversation.num_answers for conversation in conversations),
             "supervised_tokens": sum(map(supervised_count, conversations)),
             "tokens": sum(conversation.length for conversation in conversations),

@@ -22,9 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
-from pydantic import BaseModel
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -78,10 +76,6 @@ class TrainingResult:
 def step_seed(entropy: Sequence[int], step: int) -> int:
     """The torch seed of one step, drawn from the recipe's own seed stream (`entropy`)."""
     return int(np.random.default_rng([*entropy, step]).integers(2**62))
-
-
-def yaml_text(model: BaseModel, header: str) -> str:
-    return f"# {header}\n" + yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
 
 
 def open_run(run_dir: Path, saved_beside: Mapping[str, str], resume: bool, outputs: Sequence[str] = ()) -> bool:
