@@ -23,6 +23,7 @@ from efficient_models.token_schedule.scheduled_model import ScheduledModel, answ
 from tests.tiny_models import image_tokens_llava, llava_batch, tiny_llava
 from workbench.errors import InputError
 from workbench.evaluation.vqa import select_questions
+from workbench.flops import ModelShapes
 from workbench.models.loading import LoadedModel
 from workbench.training.sequences import IGNORE_INDEX
 
@@ -232,3 +233,20 @@ def test_accuracy_is_scored_per_question_type_and_prompts_are_counted():
     assert accuracy.overall == pytest.approx(2 / 12) and accuracy.n == 12
     lengths = probe_inputs.prompt_text_tokens(model.loaded, questions)
     assert lengths == [len(pair.question.split()) for _, pair in questions]
+
+
+def test_fastv_matched_averages_the_hidrop_configs_visual_tokens_on_the_models_images(default_model, tmp_path,
+                                                                                      monkeypatch):
+    """The match is made at the visual tokens the processor gives (256 on the default model), not at the
+    vision config's image size."""
+    from efficient_models.hidrop.config import HiDropConfig
+    from efficient_models.hidrop.pyramid import hidrop_schedule
+    from workbench.configs import write_config
+
+    config = HiDropConfig(num_llm_layers=30, inject_layer=4, exit_layer=29, schedule="concave", schedule_power=9.2)
+    path = write_config(config, tmp_path / "hidrop.yaml")
+    monkeypatch.setattr("workbench.models.loading.load_model", lambda name: default_model)
+    _, matched = variant_builder.build_variants(["fastv-matched"], configs=[path])
+    target = hidrop_schedule(config).average_visual_tokens(256)
+    assert matched.schedule.average_visual_tokens(256) == pytest.approx(target, abs=1.0)
+    assert matched.describe(ModelShapes.of_model(default_model)).startswith("fastv-matched [0-1:256 2-29:")

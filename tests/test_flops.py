@@ -125,7 +125,8 @@ def test_decode_and_training_counts(loaded):
 
 
 def test_the_default_model_shapes_constant_is_the_default_models(default_model):
-    assert ModelShapes.of_model(default_model, image_size=(224, 224)) == DEFAULT_MODEL_SHAPES
+    # The images are the size the processor makes (224 px: 256 visual tokens), not the vision config's 518 px.
+    assert ModelShapes.of_model(default_model) == DEFAULT_MODEL_SHAPES
 
 
 def test_one_count_per_layer_is_required(loaded):

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from PIL import Image
 from torch import nn
 
 from workbench.errors import InputError
@@ -133,6 +134,15 @@ class VisionShape:
         return patch_conv + self.layers * (projections + mlp + attention)
 
 
+def processed_image_size(processor: Any) -> tuple[int, int] | None:
+    """(height, width) of the pixels `processor` makes of an image, or None without a processor or when it
+    does not give one image as a [channels, height, width] grid (Qwen2-VL's flattened patches)."""
+    if processor is None or getattr(processor, "image_processor", None) is None:
+        return None
+    pixels = processor.image_processor([Image.new("RGB", (64, 64))], return_tensors="pt")["pixel_values"]
+    return tuple(pixels.shape[-2:]) if pixels.dim() == 4 else None
+
+
 def linear_shapes(module: nn.Module) -> tuple[tuple[int, int], ...]:
     """(in, out) features of every `nn.Linear` inside `module`, in module order."""
     return tuple((linear.in_features, linear.out_features) for linear in module.modules()
@@ -152,9 +162,10 @@ class ModelShapes:
 
     @classmethod
     def of_model(cls, loaded: Any, image_size: tuple[int, int] | None = None) -> ModelShapes:
-        """The shapes of a LLaVA-family `LoadedModel` fed images of `image_size` (height, width)."""
+        """The shapes of a LLaVA-family `LoadedModel` fed images of `image_size` (height, width); by default the
+        size its processor makes (the default model's processor crops 224 px, its vision config says 518)."""
         config = loaded.model.config
-        vision = VisionShape.from_config(config.vision_config, image_size)
+        vision = VisionShape.from_config(config.vision_config, image_size or processed_image_size(loaded.processor))
         # LLaVA's "default" feature selection drops CLS; "full" keeps it.
         full = getattr(config, "vision_feature_select_strategy", "default") == "full"
         return cls(decoder=DecoderShape.of_model(loaded), num_llm_layers=loaded.adapter.num_llm_layers, vision=vision,
