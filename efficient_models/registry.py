@@ -11,7 +11,9 @@ A method is one subpackage of `efficient_models` whose `__init__` calls `registe
 `wb train --help` all read this registry, so adding a method touches no file outside its folder.
 
 Variants that belong to no method (dense, the reference every bench ratio is taken against) register
-with `register_variant`. Method subpackages are found and imported on first use (`discover`).
+with `register_variant`. Method subpackages are found and imported on first use (`discover`). Every `wb`
+command imports them, so a method's `__init__` imports only light modules at the top; its variant builders
+and training entry import the engine and model loading (transformers, seconds) when they are called.
 """
 
 from __future__ import annotations

@@ -152,3 +152,9 @@ def test_schedules_need_the_same_image_tokens_in_every_row(model):
 def test_schedule_for_another_depth_is_refused(model):
     with pytest.raises(InputError, match="layers"):
         ScheduledLLM(adapter_for(model), schedules.dense(LAYERS + 1))
+    # A bench variant is refused when it is made, before any question is asked.
+    from efficient_models.token_schedule.scheduled_model import ScheduledModel
+    from workbench.models.loading import LoadedModel
+
+    with pytest.raises(InputError, match=f"schedule is for a {LAYERS + 1}-layer LLM; .* has {LAYERS} layers"):
+        ScheduledModel(LoadedModel.from_model(model), schedules.dense(LAYERS + 1))

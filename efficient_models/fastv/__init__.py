@@ -11,11 +11,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from efficient_models.registry import Method, Variant, register
+from efficient_models.registry import Method, Variant, count_flops, register
+from efficient_models.token_schedule.schedule import TokenSchedule, schedule_flops
 from workbench.configs import LayeredConfig
 from workbench.errors import InputError
+from workbench.flops import ModelShapes
 
 FASTV_LAYER, FASTV_KEEP = 2, 0.5  # the published setting
+
 
 
 class FastVConfig(LayeredConfig):
@@ -29,9 +32,7 @@ class FastVConfig(LayeredConfig):
         return self
 
 
-def fastv_schedule(config: FastVConfig, name: str = "fastv"):
-    from efficient_models.token_schedule.schedule import TokenSchedule
-
+def fastv_schedule(config: FastVConfig, num_visual: int | None = None, name: str = "fastv") -> TokenSchedule:
     return TokenSchedule(config.num_llm_layers, cuts={config.layer: config.keep}, name=name)
 
 
@@ -45,13 +46,6 @@ def matched_config(num_layers: int, target_average: float, num_visual: int, laye
     return FastVConfig(num_llm_layers=num_layers, layer=layer, keep=min(1.0, kept / num_visual))
 
 
-def _flops(config: FastVConfig, shapes, text_tokens, answer_tokens=1, decode_steps=1):
-    from workbench.flops import token_schedule_flops
-
-    counts = fastv_schedule(config).keep_counts(shapes.visual_tokens_per_image)
-    return token_schedule_flops(shapes, text_tokens, counts, answer_tokens, decode_steps)
-
-
 def _fastv(request):
     from efficient_models.token_schedule.scheduled_model import ScheduledModel
 
@@ -61,19 +55,17 @@ def _fastv(request):
 
 
 def _matched(request):
-    from efficient_models.registry import count_flops
     from efficient_models.token_schedule.scheduled_model import ScheduledModel
-    from workbench.flops import ModelShapes
 
     shapes = ModelShapes.of_model(request.loaded)
     target = count_flops(request.config("hidrop"), shapes, 1).average_visual_tokens
     config = matched_config(shapes.num_llm_layers, target, shapes.visual_tokens_per_image)
-    return ScheduledModel(request.loaded, fastv_schedule(config, "fastv-matched"), "fastv-matched")
+    return ScheduledModel(request.loaded, fastv_schedule(config, name="fastv-matched"), "fastv-matched")
 
 
 register(Method(
     name="fastv", summary="after layer K-1 keep the most attended visual tokens (training-free)",
-    config=FastVConfig, flops=_flops,
+    config=FastVConfig, flops=schedule_flops(fastv_schedule),
     variants=(Variant("fastv", "FastV at its published K=2, keep 50% (or a fastv --config)", _fastv),
               Variant("fastv-matched", "FastV averaging as many visual tokens per layer as a hidrop config",
                       _matched, needs="config", of="hidrop")),

@@ -4,20 +4,13 @@ schedule on the dense weights; `wb train hidrop`)."""
 
 from efficient_models.hidrop.commands import train_command
 from efficient_models.hidrop.config import HiDropConfig
+from efficient_models.hidrop.pyramid import hidrop_schedule, with_token_budget
 from efficient_models.registry import Method, Variant, register
-
-
-def _flops(config, shapes, text_tokens, answer_tokens=1, decode_steps=1):
-    from efficient_models.hidrop.pyramid import hidrop_schedule
-    from workbench.flops import token_schedule_flops
-
-    counts = hidrop_schedule(config, shapes.visual_tokens_per_image).keep_counts(shapes.visual_tokens_per_image)
-    return token_schedule_flops(shapes, text_tokens, counts, answer_tokens, decode_steps)
+from efficient_models.token_schedule.schedule import schedule_flops
+from workbench.errors import InputError
 
 
 def _from_run(store):
-    from workbench.errors import InputError
-
     if store.manifest["kind"] != "similarity":
         raise InputError(f"--method hidrop needs a similarity run; {store.folder} is a {store.manifest['kind']!r} run")
     recommendation = store.read_json("summary")["recommendation"]
@@ -37,12 +30,6 @@ def _dropin(request):
     return hidrop_model(request.loaded, request.config("hidrop"), name="hidrop-dropin")
 
 
-def _fit_budget(config, budget):
-    from efficient_models.hidrop.pyramid import with_token_budget
-
-    return with_token_budget(config, budget)
-
-
 def _check_run(run_dir):
     from efficient_models.hidrop.model import check_hidrop_run
 
@@ -51,8 +38,8 @@ def _check_run(run_dir):
 
 register(Method(
     name="hidrop", summary="late injection, pruning stages or the concave pyramid, early exit",
-    config=HiDropConfig, flops=_flops, from_run=_from_run, run_kinds=("similarity",), train=train_command,
-    check_run=_check_run, fit_budget=_fit_budget,
+    config=HiDropConfig, flops=schedule_flops(hidrop_schedule), from_run=_from_run, run_kinds=("similarity",),
+    train=train_command, check_run=_check_run, fit_budget=with_token_budget,
     variants=(Variant("hidrop", "a trained `wb train hidrop` run", _trained, needs="run", of="hidrop"),
               Variant("hidrop-dropin", "a hidrop config's schedule on the dense weights", _dropin,
                       needs="config", of="hidrop")),

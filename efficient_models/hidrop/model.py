@@ -19,9 +19,6 @@ from workbench.models.loading import LoadedModel
 
 def hidrop_model(loaded: LoadedModel, config: HiDropConfig, name: str = "hidrop") -> ScheduledModel:
     """The config's schedule on `loaded` as it is (drop-in, no training)."""
-    if config.num_llm_layers != loaded.adapter.num_llm_layers:
-        raise InputError(f"the config is for a {config.num_llm_layers}-layer LLM; {loaded.name} has "
-                         f"{loaded.adapter.num_llm_layers} layers")
     return ScheduledModel(loaded, hidrop_schedule(config, visual_tokens_per_image(loaded)), name)
 
 

@@ -11,8 +11,10 @@ from typing import Literal
 from pydantic import model_validator
 
 from efficient_models.registry import Method, Variant, register
+from efficient_models.token_schedule.schedule import TokenSchedule, schedule_flops
 from workbench.configs import LayeredConfig
 from workbench.errors import InputError
+
 
 
 class InjectionConfig(LayeredConfig):
@@ -25,17 +27,8 @@ class InjectionConfig(LayeredConfig):
         return self
 
 
-def injection_schedule(config: InjectionConfig):
-    from efficient_models.token_schedule.schedule import TokenSchedule
-
+def injection_schedule(config: InjectionConfig, num_visual: int | None = None) -> TokenSchedule:
     return TokenSchedule(config.num_llm_layers, inject_layer=config.inject_layer, name="injection")
-
-
-def _flops(config, shapes, text_tokens, answer_tokens=1, decode_steps=1):
-    from workbench.flops import token_schedule_flops
-
-    counts = injection_schedule(config).keep_counts(shapes.visual_tokens_per_image)
-    return token_schedule_flops(shapes, text_tokens, counts, answer_tokens, decode_steps)
 
 
 def _from_run(store) -> dict:
@@ -50,15 +43,12 @@ def _from_run(store) -> dict:
 def _variant(request):
     from efficient_models.token_schedule.scheduled_model import ScheduledModel
 
-    config = request.config("injection")
-    if config.num_llm_layers != request.loaded.adapter.num_llm_layers:
-        raise InputError(f"the injection config is for a {config.num_llm_layers}-layer LLM; {request.loaded.name} "
-                         f"has {request.loaded.adapter.num_llm_layers}")
-    return ScheduledModel(request.loaded, injection_schedule(config), "injection")
+    return ScheduledModel(request.loaded, injection_schedule(request.config("injection")), "injection")
 
 
 register(Method(
-    name="injection", summary="visual tokens enter at one layer", config=InjectionConfig, flops=_flops,
+    name="injection", summary="visual tokens enter at one layer", config=InjectionConfig,
+    flops=schedule_flops(injection_schedule),
     from_run=_from_run, run_kinds=("alignment", "similarity"),
     variants=(Variant("injection", "an injection config's entry layer on the dense weights", _variant,
                       needs="config", of="injection"),),

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from efficient_models.registry import Method, Variant, register
+from efficient_models.token_schedule.schedule import TokenSchedule, schedule_flops
 from workbench.configs import LayeredConfig
 
 REFERENCE_DEPTH = 32  # LLaVA-1.5-7B, where the published layers are given
@@ -20,6 +21,7 @@ PDROP_LAYERS, PDROP_RATIO = (8, 16, 24), 0.5
 def scaled_layer(layer: int, num_layers: int) -> int:
     """A layer index of the 32-layer reference model at the same relative depth of this model."""
     return min(num_layers - 1, max(1, round(layer * num_layers / REFERENCE_DEPTH)))
+
 
 
 class PyramidDropConfig(LayeredConfig):
@@ -39,18 +41,9 @@ class PyramidDropConfig(LayeredConfig):
         return self.layers or [scaled_layer(layer, self.num_llm_layers) for layer in PDROP_LAYERS]
 
 
-def pdrop_schedule(config: PyramidDropConfig):
-    from efficient_models.token_schedule.schedule import TokenSchedule
-
+def pdrop_schedule(config: PyramidDropConfig, num_visual: int | None = None) -> TokenSchedule:
     cuts = {layer: config.ratio ** (stage + 1) for stage, layer in enumerate(config.cut_layers())}
     return TokenSchedule(config.num_llm_layers, cuts=cuts, name="pdrop")
-
-
-def _flops(config: PyramidDropConfig, shapes, text_tokens, answer_tokens=1, decode_steps=1):
-    from workbench.flops import token_schedule_flops
-
-    counts = pdrop_schedule(config).keep_counts(shapes.visual_tokens_per_image)
-    return token_schedule_flops(shapes, text_tokens, counts, answer_tokens, decode_steps)
 
 
 def _pdrop(request):
@@ -62,7 +55,7 @@ def _pdrop(request):
 
 register(Method(
     name="pdrop", summary="PyramidDrop: halve the visual tokens at 1/4, 1/2 and 3/4 of the depth",
-    config=PyramidDropConfig, flops=_flops,
+    config=PyramidDropConfig, flops=schedule_flops(pdrop_schedule),
     variants=(Variant("pdrop", "PyramidDrop at its published settings scaled to depth (or a pdrop --config)",
                       _pdrop),),
 ))

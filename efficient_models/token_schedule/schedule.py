@@ -12,9 +12,12 @@ Layers are 0-indexed decoder layers, as in `workbench.configs`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from workbench.errors import InputError
+from workbench.flops import FlopsCount, ModelShapes, token_schedule_flops
 
 
 
@@ -73,3 +76,15 @@ class TokenSchedule:
 
 def dense(num_layers: int) -> TokenSchedule:
     return TokenSchedule(num_layers, name="dense")
+
+
+def schedule_flops(schedule_of: Callable[[Any, int], TokenSchedule]) -> Callable[..., FlopsCount]:
+    """The registry's FLOPs counter of a method whose config describes a token schedule:
+    `schedule_of(config, visual tokens per image)`."""
+    def count(config: Any, shapes: ModelShapes, text_tokens: int, answer_tokens: int = 1,
+              decode_steps: int = 1) -> FlopsCount:
+        num_visual = shapes.visual_tokens_per_image
+        keep = schedule_of(config, num_visual).keep_counts(num_visual)
+        return token_schedule_flops(shapes, text_tokens, keep, answer_tokens, decode_steps)
+
+    return count

@@ -17,6 +17,7 @@ from torch import nn
 
 from efficient_models.token_schedule.engine import ScheduleCache, ScheduledLLM
 from efficient_models.token_schedule.schedule import TokenSchedule
+from workbench.errors import InputError
 from workbench.flops import FlopsCount, ModelShapes, token_schedule_flops
 from workbench.models.inputs import build_inputs
 from workbench.models.loading import LoadedModel
@@ -68,6 +69,9 @@ class ScheduledModel:
 
     def __post_init__(self):
         self.name = self.name or self.schedule.name
+        if self.schedule.num_layers != self.loaded.adapter.num_llm_layers:
+            raise InputError(f"the {self.name} schedule is for a {self.schedule.num_layers}-layer LLM; "
+                             f"{self.loaded.name} has {self.loaded.adapter.num_llm_layers} layers")
 
     @functools.cached_property
     def engine(self) -> ScheduledLLM:
