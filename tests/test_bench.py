@@ -41,7 +41,7 @@ def loaded() -> LoadedModel:
 def variants(loaded) -> list[ScheduledModel]:
     return [ScheduledModel(loaded, schedules.dense(LAYERS)),
             ScheduledModel(loaded, fastv_schedule(FastVConfig(num_llm_layers=LAYERS, layer=1, keep=0.5))),
-            ScheduledModel(loaded, pdrop_schedule(PyramidDropConfig(num_llm_layers=LAYERS))),
+            ScheduledModel(loaded, pdrop_schedule(PyramidDropConfig(num_llm_layers=LAYERS, layers=[1, 2, 3]))),
             ScheduledModel(loaded, schedules.TokenSchedule(LAYERS, 1, 3, {2: 0.25}), "hidrop-like")]
 
 
@@ -185,7 +185,7 @@ def test_bad_variant_names_and_missing_options_fail_before_loading(tmp_path):
 def test_wb_bench_reports_a_bad_variant_in_one_line(run_wb):
     code, _, err = run_wb("bench", "--variants", "dense,nope")
     assert code == 2 and err.strip() == ("error: unknown variant 'nope'; choose from dense, fastv, fastv-matched, "
-                                         "hidrop, hidrop-dropin, injection, pdrop")
+                                         "hidrop, hidrop-dropin, injection, pdrop, pdrop-persistent")
 
 
 def test_wb_bench_keeps_its_trace_subcommand(run_wb):

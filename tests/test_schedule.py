@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from efficient_models.fastv import FastVConfig, fastv_schedule, matched_config
 from efficient_models.hidrop.config import HiDropConfig
 from efficient_models.hidrop.pyramid import hidrop_schedule, with_token_budget
-from efficient_models.pdrop import PyramidDropConfig, pdrop_schedule
+from efficient_models.pdrop import PyramidDropConfig, pdrop_schedule, scaled_layers
 from efficient_models.token_schedule.schedule import TokenSchedule
 from workbench.errors import InputError
 
@@ -51,10 +51,14 @@ def test_token_budget_fits_the_concave_power(budget):
         with_token_budget(hidrop_config(stages=[{"start_layer": 12, "keep_fraction": 0.5}]), 0.01)
 
 
-def test_baselines_follow_their_published_settings_scaled_to_depth():
-    assert fastv_schedule(FastVConfig(num_llm_layers=32)).keep_counts(576) == [576, 576] + [288] * 30
-    assert pdrop_schedule(PyramidDropConfig(num_llm_layers=32)).cuts == {8: 0.5, 16: 0.25, 24: 0.125}
-    assert sorted(pdrop_schedule(PyramidDropConfig(num_llm_layers=16)).cuts) == [4, 8, 12]
+def test_baselines_follow_their_published_settings():
+    fastv = fastv_schedule(FastVConfig(num_llm_layers=32))
+    assert fastv.keep_counts(576) == [576, 576] + [288] * 30 and fastv.ranking_layer == "previous"
+    published = pdrop_schedule(PyramidDropConfig(num_llm_layers=40))
+    assert published.cuts == {8: 0.5, 16: 0.25, 24: 0.125} and published.positions == "renumbered"
+    with pytest.raises(InputError, match=r"published cut layers \[8, 16, 24\] .* this one has 24: .*\[6, 12, 18\]"):
+        PyramidDropConfig(num_llm_layers=24)
+    assert scaled_layers(30) == [8, 15, 22]
     assert pdrop_schedule(PyramidDropConfig(num_llm_layers=32, layers=[4, 9], ratio=0.4)).cuts == pytest.approx({4: 0.4, 9: 0.16})
     matched = fastv_schedule(matched_config(32, target_average=48.0, num_visual=576))
     assert matched.average_visual_tokens(576) == pytest.approx(48.0, abs=1.0)

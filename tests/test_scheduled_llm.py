@@ -21,7 +21,8 @@ SCHEDULES = [
     TokenSchedule(LAYERS, inject_layer=2, exit_layer=5, cuts={3: 0.5, 4: 0.25}, name="hidrop-like"),
     TokenSchedule(LAYERS, inject_layer=1, cuts={1: 0.5}, name="cut at entry"),
     fastv_schedule(FastVConfig(num_llm_layers=LAYERS, layer=2, keep=0.5)),
-    pdrop_schedule(PyramidDropConfig(num_llm_layers=LAYERS)),
+    pdrop_schedule(PyramidDropConfig(num_llm_layers=LAYERS, layers=[2, 3, 4])),
+    pdrop_schedule(PyramidDropConfig(num_llm_layers=LAYERS, layers=[2, 4], positions="persistent"), name="pdrop-persistent"),
     TokenSchedule(LAYERS, exit_layer=0, name="no vision"),
 ]
 

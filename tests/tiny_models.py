@@ -22,15 +22,16 @@ LLAVA_IMAGE_ID = 95
 QWEN_IMAGE_ID, QWEN_VISION_START, QWEN_VISION_END = 93, 94, 95
 
 
-def tiny_llava(seed: int = 0, num_layers: int = 4, attn_implementation: str = "sdpa") -> LlavaForConditionalGeneration:
-    """CLIP-vision (2 layers, 28 px, 14 px patches -> 2x2 grid) + Llama decoder."""
+def tiny_llava(seed: int = 0, num_layers: int = 4, attn_implementation: str = "sdpa",
+               image_size: int = 28) -> LlavaForConditionalGeneration:
+    """CLIP-vision (2 layers, 28 px by default, 14 px patches -> 2x2 grid) + Llama decoder."""
     torch.manual_seed(seed)
     text = LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD_ID, max_position_embeddings=128,
     )
     vision = CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=28, patch_size=14)
+                              image_size=image_size, patch_size=14)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=LLAVA_IMAGE_ID,
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
     config._attn_implementation = attn_implementation
@@ -39,13 +40,14 @@ def tiny_llava(seed: int = 0, num_layers: int = 4, attn_implementation: str = "s
     return model.eval()
 
 
-def llava_batch(rows: list[list[int]], images_per_row: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Left-pad token rows (use `LLAVA_IMAGE_ID` x 4 per image) and add matching random pixels."""
+def llava_batch(rows: list[list[int]], images_per_row: list[int], seed: int = 0,
+                image_size: int = 28) -> dict[str, torch.Tensor]:
+    """Left-pad token rows (use `LLAVA_IMAGE_ID` x 4 per 28 px image) and add matching random pixels."""
     width = max(map(len, rows))
     input_ids = torch.tensor([[PAD_ID] * (width - len(r)) + r for r in rows])
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     generator = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(sum(images_per_row), 3, 28, 28, generator=generator)
+    pixel_values = torch.randn(sum(images_per_row), 3, image_size, image_size, generator=generator)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 

@@ -1,5 +1,9 @@
 """FastV: after layer K-1, keep the visual tokens the last prompt token attends to most, for all later layers.
 
+As published, the ranking is layer K-1's own attention (softmax probabilities, mean over heads, the
+last prompt token's row), read FlashAttention-safely from layer K-1's input through its norm, q / k and
+rotary (`TokenSchedule.ranking_layer = "previous"`); kept tokens keep their original positions.
+
 Registers the `fastv` method (a config with K and the kept share, the published K=2 / 50% by default), the
 `fastv` bench variant, and `fastv-matched`: FastV keeping as many visual tokens per layer on average as
 a given hidrop config, to compare the two at the same budget. Training-free.
@@ -23,7 +27,7 @@ FASTV_LAYER, FASTV_KEEP = 2, 0.5  # the published setting
 
 class FastVConfig(LayeredConfig):
     method: Literal["fastv"] = "fastv"
-    layer: int = FASTV_LAYER  # K: the cut applies to layer K's input
+    layer: int = Field(default=FASTV_LAYER, ge=1)  # K: the cut applies to layer K's input, ranked by layer K-1
     keep: float = Field(default=FASTV_KEEP, gt=0, le=1)
 
     @model_validator(mode="after")
@@ -33,7 +37,7 @@ class FastVConfig(LayeredConfig):
 
 
 def fastv_schedule(config: FastVConfig, num_visual: int | None = None, name: str = "fastv") -> TokenSchedule:
-    return TokenSchedule(config.num_llm_layers, cuts={config.layer: config.keep}, name=name)
+    return TokenSchedule(config.num_llm_layers, cuts={config.layer: config.keep}, name=name, ranking_layer="previous")
 
 
 def matched_config(num_layers: int, target_average: float, num_visual: int, layer: int = FASTV_LAYER) -> FastVConfig:

@@ -7,9 +7,12 @@ projector outputs are put back at their slots; before a cut the visual tokens ar
 attention of a few query rows (`scoring`) and the best are kept; from the exit layer on only
 text is left. Tokens are physically removed, so the FLOPs and time saved are real.
 
-Positions persist: every token keeps the rotary position it has in the full prompt (gaps allowed)
-and decoding continues from the full length. Each layer's KV cache holds that layer's token set,
-so cache lengths differ per layer; the decode step masks keys by the validity recorded at prefill.
+The cut ranks by the attention of the layer about to run, or (`ranking_layer="previous"`, FastV) of
+the layer before it, scored before that layer runs. Positions persist by default: every token keeps
+the rotary position it has in the full prompt (gaps allowed) and decoding continues from the full
+length; with `positions="renumbered"` (PyramidDrop) each token set is numbered 0..n-1 and each
+layer decodes from its own set's length. Each layer's KV cache holds that layer's token set, so
+cache lengths differ per layer; the decode step masks keys by the validity recorded at prefill.
 Rows may be left-padded; padding and removed tokens stay in the set as invalid entries (never
 attended to), which keeps every tensor rectangular. The main layers get a boolean mask (SDPA), an
 additive one (eager), or a padding mask (flash-attention 2, which the index-ordered sets allow).
@@ -64,8 +67,17 @@ class ScheduleCache:
 
     kv: DynamicCache
     key_valid: list[torch.Tensor]  # per layer [batch, keys]
-    next_position: torch.Tensor  # [batch]: rotary position of the next token
+    next_position: torch.Tensor  # [layers, batch]: rotary position of the next token in each layer
     length: int  # tokens so far in the full (unpruned) sequence
+
+
+@dataclass
+class LayerInputs:
+    """What the layers running on one token set share: rotary embeddings, attention mask, next position."""
+
+    rotary: tuple[torch.Tensor, torch.Tensor]  # cos, sin [batch, n, head_dim]
+    mask: torch.Tensor | None
+    next_position: torch.Tensor  # [batch]: where a decoded token continues the numbering
 
 
 @dataclass
@@ -144,8 +156,9 @@ class ScheduledLLM:
         hidden = tokens.take(embeddings)
         present = 0  # visual entries in the set (invalid ones included): known from the schedule, no sync
         cache = DynamicCache() if use_cache else None
-        key_valid, outputs, kept = [], [], {}
-        layer_inputs = None  # the set's rotary embeddings and mask, rebuilt only when the set changes
+        key_valid, next_positions, outputs, kept = [], [], [], {}
+        layer_inputs = None  # rebuilt only when the set changes
+        scores = None  # the previous layer's ranking of the set, for a cut that ranks by it
         for number, layer in enumerate(self.adapter.llm_layers):
             if counts[number] and number == self.schedule.inject_layer:
                 everything = torch.arange(length, device=device).expand(batch, -1)
@@ -156,28 +169,51 @@ class ScheduledLLM:
                 hidden = hidden.gather(1, places[..., None].expand(-1, -1, hidden.shape[-1]))
                 present, layer_inputs = 0, None
             elif 0 < counts[number] < present:
-                tokens, hidden, kept[number] = self.cut(layer, tokens, hidden, cos, sin, visual, entering, queries,
-                                                        counts[number])
-                present, layer_inputs = counts[number], None
+                if scores is None:
+                    rotary = layer_inputs.rotary if layer_inputs else self.rotary(tokens, hidden, cos, sin)
+                    scores = self.rank(layer, tokens, hidden, rotary, queries)
+                tokens, hidden, kept[number] = self.cut(tokens, hidden, scores, visual, entering, counts[number])
+                present, layer_inputs, scores = counts[number], None, None
             if layer_inputs is None:
-                layer_inputs = ((tokens.take(cos), tokens.take(sin)),
-                                self.layer_mask(self.prefill_allowed(tokens), tokens.valid, hidden.dtype))
-            position_embeddings, mask = layer_inputs
-            hidden = layer(hidden, attention_mask=mask, past_key_values=cache, use_cache=use_cache,
-                           position_embeddings=position_embeddings)
+                layer_inputs = self.layer_inputs(tokens, hidden, cos, sin, positions[:, -1] + 1)
+            following = counts[number + 1] if number + 1 < len(counts) else 0
+            if self.schedule.ranking_layer == "previous" and 0 < following < present:
+                scores = self.rank(layer, tokens, hidden, layer_inputs.rotary, queries)
+            hidden = layer(hidden, attention_mask=layer_inputs.mask, past_key_values=cache, use_cache=use_cache,
+                           position_embeddings=layer_inputs.rotary)
             key_valid.append(tokens.valid)
+            next_positions.append(layer_inputs.next_position)
             if layer_outputs:
                 outputs.append(self.scatter(hidden, tokens, length))
         hidden = self.scatter(self.language_model.norm(hidden), tokens, length)
         present_mask = torch.zeros_like(real).scatter(1, tokens.index, True)
-        state = ScheduleCache(cache, key_valid, positions[:, -1] + 1, length) if use_cache else None
+        state = ScheduleCache(cache, key_valid, torch.stack(next_positions), length) if use_cache else None
         return ScheduledOutput(hidden, present_mask, state, outputs, kept)
 
-    def cut(self, layer, tokens: TokenSet, hidden, cos, sin, visual, entering, queries, keep: int):
-        """Keep the `keep` visual tokens of each row that the query rows attend to most (text all stays)."""
+    def rotary(self, tokens: TokenSet, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The set's rotary embeddings: its entries' full-prompt ones (`cos`, `sin`), or renumbered 0..n-1."""
+        if self.schedule.positions == "persistent":
+            return tokens.take(cos), tokens.take(sin)
+        return self.language_model.rotary_emb(hidden, (tokens.valid.long().cumsum(1) - 1).clamp_min(0))
+
+    def layer_inputs(self, tokens: TokenSet, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     prompt_length: torch.Tensor) -> LayerInputs:
+        """`prompt_length` [batch]: real tokens in the full prompt (where persistent numbering continues)."""
+        renumbered = self.schedule.positions == "renumbered"
+        return LayerInputs(self.rotary(tokens, hidden, cos, sin),
+                           self.layer_mask(self.prefill_allowed(tokens), tokens.valid, hidden.dtype),
+                           tokens.valid.sum(1) if renumbered else prompt_length)
+
+    def rank(self, layer, tokens: TokenSet, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+             queries: torch.Tensor) -> torch.Tensor:
+        """[batch, n]: the attention `layer` pays from the query rows to each entry of `tokens`."""
+        return query_attention_scores(layer, hidden, *rotary, tokens.index, tokens.valid, tokens.take(queries))
+
+    def cut(self, tokens: TokenSet, hidden: torch.Tensor, scores: torch.Tensor, visual: torch.Tensor,
+            entering: torch.Tensor, keep: int):
+        """Keep the `keep` visual tokens of each row that score highest (text all stays)."""
         is_visual = tokens.take(visual)
-        scores = query_attention_scores(layer, hidden, tokens.take(cos), tokens.take(sin), tokens.index,
-                                        tokens.valid, tokens.take(queries))
         candidates = tokens.take(entering) & tokens.valid
         # Invalid visual entries rank below every candidate and above text, so every row keeps `keep` entries.
         ranking = torch.where(candidates, scores, torch.where(is_visual, -1e30, float("-inf")))
@@ -202,19 +238,22 @@ class ScheduledLLM:
     def decode(self, embeddings: torch.Tensor, cache: ScheduleCache) -> torch.Tensor:
         """Final-normed states of new tokens [batch, t, d] appended after everything in `cache` (a text step)."""
         batch, steps, _ = embeddings.shape
-        positions = cache.next_position[:, None] + torch.arange(steps, device=embeddings.device)
-        position_embeddings = self.language_model.rotary_emb(embeddings, positions)
+        layers = cache.next_position.shape[0]
+        positions = cache.next_position[..., None] + torch.arange(steps, device=embeddings.device)
+        # One rotary call for every layer's positions (they differ per layer only when renumbered).
+        cos, sin = self.language_model.rotary_emb(embeddings, positions.view(layers * batch, steps))
+        cos, sin = cos.view(layers, batch, steps, -1), sin.view(layers, batch, steps, -1)
         hidden = embeddings
         for number, layer in enumerate(self.adapter.llm_layers):
             key_valid = torch.cat([cache.key_valid[number], cache.key_valid[number].new_ones(batch, steps)], 1)
             cache.key_valid[number] = key_valid
-            allowed = None
+            mask = None  # one new token and every key valid: it may see them all
             if steps > 1 or not bool(key_valid.all()):
                 past = key_valid.shape[1] - steps
                 causal = torch.ones(steps, key_valid.shape[1], dtype=torch.bool, device=key_valid.device).tril(past)
-                allowed = key_valid[:, None, :] & causal[None]
-            hidden = layer(hidden, attention_mask=self.layer_mask(allowed, key_valid, hidden.dtype),
-                           past_key_values=cache.kv, use_cache=True, position_embeddings=position_embeddings)
+                mask = self.layer_mask(key_valid[:, None, :] & causal[None], key_valid, hidden.dtype)
+            hidden = layer(hidden, attention_mask=mask,
+                           past_key_values=cache.kv, use_cache=True, position_embeddings=(cos[number], sin[number]))
         cache.next_position = cache.next_position + steps
         cache.length += steps
         return self.language_model.norm(hidden)

@@ -4,6 +4,12 @@ A `TokenSchedule` describes the whole life of an image's visual tokens in the de
 - layers < `inject_layer` see text only (visual tokens enter, as raw projector outputs, at that layer);
 - before layer l in `cuts`, the visual tokens are cut to `cuts[l]` (a fraction of the image's tokens);
 - layers >= `exit_layer` see no visual tokens.
+Two choices the published methods differ in:
+- `ranking_layer`: a cut before layer l ranks the visual tokens by the attention of layer l itself
+  ("cut": HiDrop, PyramidDrop) or of layer l-1, the last layer that ran ("previous": FastV);
+- `positions`: every token keeps its rotary position in the full prompt, gaps left by removed tokens
+  included ("persistent": FastV, HiDrop, EmbedLens), or each layer numbers its tokens 0..n-1 anew
+  after a cut, and decoding continues from there ("renumbered": PyramidDrop).
 Dense, late injection, HiDrop (stage lists or the concave parametric pyramid), FastV, PyramidDrop and
 EmbedLens category removal are all schedules, so one engine (`engine.ScheduledLLM`) runs them and one
 count (`keep_counts`) compares them. The methods build them from their configs (`efficient_models/<method>/`).
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from workbench.errors import InputError
 from workbench.flops import FlopsCount, ModelShapes, token_schedule_flops
@@ -28,8 +34,13 @@ class TokenSchedule:
     exit_layer: int | None = None  # None: the visual tokens stay to the last layer
     cuts: dict[int, float] = field(default_factory=dict)  # layer -> fraction of the image's tokens kept from it on
     name: str = "custom"
+    ranking_layer: Literal["cut", "previous"] = "cut"
+    positions: Literal["persistent", "renumbered"] = "persistent"
 
     def __post_init__(self):
+        if self.ranking_layer not in ("cut", "previous") or self.positions not in ("persistent", "renumbered"):
+            raise InputError(f"schedule {self.name!r}: ranking_layer is 'cut' or 'previous' (got {self.ranking_layer!r}), "
+                             f"positions 'persistent' or 'renumbered' (got {self.positions!r})")
         exit_layer = self.num_layers if self.exit_layer is None else self.exit_layer
         if not 0 <= self.inject_layer <= exit_layer <= self.num_layers:
             raise InputError(f"schedule {self.name!r}: need 0 <= inject ({self.inject_layer}) <= exit ({exit_layer}) "
@@ -38,6 +49,9 @@ class TokenSchedule:
             if not (self.inject_layer <= layer < exit_layer and 0 < fraction <= 1):
                 raise InputError(f"schedule {self.name!r}: cut to {fraction} at layer {layer} is outside "
                                  f"layers {self.inject_layer}..{exit_layer - 1} or not a fraction in (0, 1]")
+            if self.ranking_layer == "previous" and layer - 1 < self.inject_layer:
+                raise InputError(f"schedule {self.name!r}: the cut at layer {layer} ranks by layer {layer - 1}, "
+                                 f"which sees no visual tokens (they enter at layer {self.inject_layer})")
         fractions = [self.cuts[layer] for layer in sorted(self.cuts)]
         if fractions != sorted(fractions, reverse=True):
             raise InputError(f"schedule {self.name!r}: keep fractions {fractions} must not increase with depth")
@@ -71,7 +85,10 @@ class TokenSchedule:
             if layer == self.num_layers or counts[layer] != counts[start]:
                 spans.append(f"{start}-{layer - 1}:{counts[start]}" if layer - 1 > start else f"{start}:{counts[start]}")
                 start = layer
-        return f"{self.name} [{' '.join(spans)}] avg {self.average_visual_tokens(num_visual):.1f}/layer"
+        choices = [text for text, chosen in (("ranked by the previous layer", self.ranking_layer == "previous"),
+                                             ("positions renumbered", self.positions == "renumbered")) if chosen]
+        return (f"{self.name} [{' '.join(spans)}] avg {self.average_visual_tokens(num_visual):.1f}/layer"
+                + "".join(f", {text}" for text in choices))
 
 
 def dense(num_layers: int) -> TokenSchedule:
