@@ -188,6 +188,14 @@ def test_wb_bench_reports_a_bad_variant_in_one_line(run_wb):
                                          "hidrop, hidrop-dropin, injection, pdrop, pdrop-persistent")
 
 
+def test_published_pyramiddrop_refuses_a_shallow_model_and_pdrop_persistent_scales_to_it(loaded, monkeypatch):
+    monkeypatch.setattr("workbench.models.loading.load_model", lambda name: loaded)
+    with pytest.raises(InputError, match=r"cut layers \[8, 16, 24\] need an LLM of more than 24 layers; this one has 4"):
+        variant_builder.build_variants(["dense", "pdrop"])
+    _, persistent = variant_builder.build_variants(["dense", "pdrop-persistent"])
+    assert persistent.schedule.cuts == {1: 0.5, 2: 0.25, 3: 0.125} and persistent.schedule.positions == "persistent"
+
+
 def test_wb_bench_keeps_its_trace_subcommand(run_wb):
     code, out, _ = run_wb("bench", "--help")
     assert code == 0 and "trace" in out and "--variants" in out
