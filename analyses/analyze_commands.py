@@ -5,6 +5,7 @@ and prints its headline numbers; the same command resumes an interrupted run.
 from __future__ import annotations
 
 import json
+import math
 
 import typer
 from rich.table import Table
@@ -33,7 +34,7 @@ def _int_list(text: str | None) -> tuple[int, ...] | None:
             first, _, last = part.strip().partition("-")
             layers += range(int(first), int(last or first) + 1)
     except ValueError:
-        raise InputError(f"bad layer list {text!r}: write e.g. 2,4,8 or 10-15") from None
+        raise InputError(f"bad list {text!r}: write e.g. 2,4,8 or 10-15") from None
     return tuple(layers)
 
 
@@ -56,7 +57,9 @@ def _images(source: str):
 def tokens(
     model: str = MODEL_OPTION, images: str = IMAGES_OPTION, out: str = OUT_OPTION,
     rule: str = typer.Option("auto", help="auto (discover anchors) or embedlens (given anchors)."),
-    anchors: str | None = typer.Option(None, help="For --rule embedlens: SINK_VIT,SINK_LLM,DEAD vocabulary ids."),
+    sink_vit: str | None = typer.Option(None, help="For --rule embedlens: ViT-sink anchor ids, e.g. 1,7."),
+    sink_llm: str | None = typer.Option(None, help="For --rule embedlens: LLM-sink anchor ids, e.g. 26673,1141."),
+    dead: str | None = typer.Option(None, help="For --rule embedlens: dead anchor ids."),
     topk: int = typer.Option(3, min=1, help="Nearest vocabulary ids per token."),
     batch_size: int = BATCH_OPTION, as_json: bool = JSON_OPTION,
 ) -> None:
@@ -65,19 +68,27 @@ def tokens(
 
     if rule not in ("auto", "embedlens"):
         raise InputError(f"unknown --rule {rule!r}; choose auto or embedlens")
-    anchor_ids = _int_list(anchors)
-    if anchor_ids is not None and len(anchor_ids) != 3:
-        raise InputError(f"--anchors needs exactly three ids SINK_VIT,SINK_LLM,DEAD (got {anchors!r})")
-    config = TokensConfig(rule=rule, anchors=anchor_ids, topk=topk, batch_size=batch_size)
+    given = {"sink_vit": _int_list(sink_vit), "sink_llm": _int_list(sink_llm), "dead": _int_list(dead)}
+    anchors = {role: ids for role, ids in given.items() if ids}
+    config = TokensConfig(rule=rule, anchors=anchors or None, topk=topk, batch_size=batch_size)
     image_set = _images(images)
     summary = analyze_tokens(load_with_notes(model), image_set, out, config)
-    table = Table("category", "fraction", title=f"{summary['num_tokens']} visual tokens of {summary['num_images']} "
-                                                f"images -> {out}")
-    for category, fraction in summary["fractions"].items():
-        table.add_row(category, f"{fraction:.1%}")
+    _print(summary, as_json, _fractions_table(summary, out))
+
+
+def _fractions_table(summary: dict, out: str) -> Table:
+    """Each category's share counted exclusively and as the reference's (overlapping) groups; the anchors."""
+    table = Table("category", "exclusive", "reference groups",
+                  title=f"{summary['num_tokens']} visual tokens of {summary['num_images']} images -> {out}",
+                  caption="reference groups overlap (a token is in every group with an anchor among its top-k), "
+                          "so they may sum past 100%")
+    exclusive = summary["fractions"] | {f"sink_{source}": share for source, share in summary["sink_sources"].items()}
+    for category, group_share in summary["group_fractions"].items():
+        table.add_row(category, f"{exclusive[category]:.1%}", f"{group_share:.1%}")
     for anchor in summary["rule"]["anchors"]:
-        table.add_row(f"anchor {anchor['id']} {anchor['token']!r}", f"{anchor['role']}, near {anchor['share']:.0%}")
-    _print(summary, as_json, table)
+        near = "" if math.isnan(anchor["share"]) else f", near {anchor['share']:.0%}"  # NaN: a given anchor
+        table.add_row(f"anchor {anchor['id']} {anchor['token']!r}", f"{anchor['role']}{near}", "")
+    return table
 
 
 @analyze_app.command("probe")
@@ -145,15 +156,23 @@ def interventions(
     skip_layers: str | None = typer.Option(None, help="Layers whose visual attention / MLP update is skipped."),
     exit_layers: str | None = typer.Option(None, help="Exit layers to try, e.g. 15,22."),
     inject_layers: str | None = typer.Option(None, help="Injection layers to try, e.g. 3,7."),
+    groups: str = typer.Option("reference", help="reference (remove every token of a category's overlapping "
+                                                 "reference group) or exclusive (of the exclusive category)."),
+    control_from: str = typer.Option("alive", help="alive (as the reference) or all: where the random controls "
+                                                   "draw from; that of 'remove alive' always draws from all."),
     tokens_run: str | None = TOKENS_RUN_OPTION, batch_size: int = BATCH_OPTION, as_json: bool = JSON_OPTION,
 ) -> None:
     """VQA accuracy when categories are removed, sublayers skipped, attention cut, or tokens enter late."""
     from analyses.interventions import InterventionsConfig, analyze_interventions
 
     config = InterventionsConfig(questions=questions, batch_size=batch_size, skip_layers=_int_list(skip_layers),
-                                 exit_layers=_int_list(exit_layers), inject_layers=_int_list(inject_layers))
+                                 exit_layers=_int_list(exit_layers), inject_layers=_int_list(inject_layers),
+                                 groups=groups, control_from=control_from)
     summary = analyze_interventions(load_with_notes(model), _images(images), out, config, tokens_run)
-    table = Table("condition", "VQA accuracy", title=f"{summary['questions']} {summary['split']} questions -> {out}")
+    used = summary["group_fractions" if summary["groups"] == "reference" else "fractions"]
+    table = Table("condition", "VQA accuracy", title=f"{summary['questions']} {summary['split']} questions -> {out}",
+                  caption=f"categories as {summary['groups']} groups: "
+                          + ", ".join(f"{category} {share:.1%}" for category, share in used.items()))
     for name, accuracy in summary["accuracy"].items():
         table.add_row(name, f"{accuracy:.1%}")
     _print(summary, as_json, table)

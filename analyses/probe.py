@@ -6,7 +6,8 @@
    after some LLM layers. Probes train on the first `train_fraction` of the images and are
    scored on the rest, next to the majority-class accuracy of the same test tokens.
 2. VQA accuracy on the probe scenes' questions keeping all visual tokens, only the alive ones,
-   or a random subset of the same size per image (the matched control), and with none.
+   or a random subset of the same size per image drawn from all its tokens (the matched control),
+   and with none. Categories here are the exclusive ones, as in the linear probes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from analyses.runner import run_batches
 from analyses.token_evidence import ANALYSIS_PROMPT, EvidenceLayers, evidence_from_capture
-from analyses.tokens import TokenRule, token_rule
+from analyses.tokens import CATEGORIES, TokenRule, token_rule
 from analyses.vqa_conditions import TokenCategories, accuracy_under, removal
 from workbench.data.image_sets import ImageItem, ImageSet
 from workbench.errors import InputError
@@ -106,13 +107,13 @@ def probe_table(tokens: pd.DataFrame, tensors: dict[str, torch.Tensor], train_im
 def compression_vqa(loaded: LoadedModel, rule: TokenRule, config: ProbeConfig) -> dict:
     """VQA accuracy with all, only alive, a matched random subset of, and no visual tokens."""
     questions = select_questions(config.vqa_split, config.vqa_questions)
-    categories = TokenCategories(loaded, rule, questions, config.batch_size)
+    categories = TokenCategories.of_questions(loaded, rule, questions, config.batch_size, groups="exclusive")
     not_alive = ("sink", "dead")
     conditions = {
         "all tokens": None,
         "alive only": removal(loaded, categories, not_alive),
-        "random subset, same size": removal(loaded, categories, not_alive, random_control=True),
-        "no visual tokens": removal(loaded, categories, ("sink", "dead", "alive")),
+        "random subset, same size": removal(loaded, categories, not_alive, random_from="all"),
+        "no visual tokens": removal(loaded, categories, CATEGORIES),
     }
     results = {name: accuracy_under(loaded, questions, condition, config.batch_size)
                for name, condition in tqdm(conditions.items(), desc="VQA conditions", leave=False)}

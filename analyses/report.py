@@ -25,7 +25,13 @@ def _table(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
 
 def _tokens(store: RunStore) -> str:
     summary = store.read_json("summary")
-    fractions = pd.DataFrame([summary["fractions"] | {"images": summary["num_images"], "tokens": summary["num_tokens"]}])
+    exclusive = summary["fractions"]
+    counted = {"exclusive categories": exclusive}
+    if "group_fractions" in summary:  # runs before the reference groups were reported have none
+        counted["reference groups"] = {category: summary["group_fractions"][category] for category in exclusive}
+    fractions = pd.DataFrame([{"counted as": name} | shares | {"images": summary["num_images"],
+                                                                "tokens": summary["num_tokens"]}
+                              for name, shares in counted.items()])
     anchors = pd.DataFrame(summary["rule"]["anchors"])
     parts = [_table(fractions, "{:.1%}")]
     if len(anchors):

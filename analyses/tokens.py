@@ -2,8 +2,8 @@
 
 Two rules decide on the evidence of `token_evidence`:
 
-- `embedlens` (the reference rule): a token whose top-k nearest vocabulary ids contain the
-  given ViT-sink, LLM-sink or dead anchor id gets that category; all others are alive.
+- `embedlens` (the reference rule): a token whose top-k nearest vocabulary ids contain one of the
+  given ViT-sink, LLM-sink or dead anchor ids gets that category; all others are alive.
 - `auto` (default), for any model:
   1. anchors are discovered on the data: vocabulary ids that are among the top-k neighbours
      of many tokens (`min_share` of all) in most images (`min_coverage`), i.e. image-agnostic;
@@ -20,12 +20,22 @@ Two rules decide on the evidence of `token_evidence`:
   4. everything else is alive.
   Each token's `reason` names the rule that fired with its numbers.
 
+That `category` is exclusive (ViT sink, then LLM sink, then dead, else alive). Beside it each token
+carries its membership of the reference's groups (`TokenRule.groups`): `in_sink_vit`, `in_sink_llm`,
+`in_sink` (either sink role), `in_dead` and `in_alive` (in none of these). As in the reference the
+groups overlap, so their fractions may sum to more than 1: under `embedlens` a token is in every group
+with an anchor id among its top-k; under `auto` likewise by the discovered anchors' roles, and also
+in the group of its exclusive category (the norm-outlier sinks are in the sink group). An exclusive
+sink or dead token is thus always in its group; an exclusive alive token is in the alive group unless
+an anchor among its top-k puts it in another group.
+
 The rule with its discovered anchors and norm statistics is saved in `summary.json`, so the
 same decisions can be applied to new images (the interventions analysis does).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -43,6 +53,8 @@ from workbench.models.loading import LoadedModel
 from workbench.store import RunStore
 
 CATEGORIES = ("sink", "dead", "alive")
+ROLES = ("sink_vit", "sink_llm", "dead")  # anchor roles, in the order the exclusive rule tries them
+GROUPS = ("sink", "sink_vit", "sink_llm", "dead", "alive")  # the reference's groups: column `in_<group>`
 RuleKind = Literal["auto", "embedlens"]
 ROBUST_SD = 1.4826  # MAD -> standard deviation for normal data
 EVIDENCE_COLUMNS = {"vision": "vision_norm", "llm": "llm_norm", "peak": "llm_peak", "attention": "attention_received"}
@@ -121,6 +133,31 @@ class TokenRule:
         """`category`, `sink_source`, `reason` (and the z-scores for `auto`) for each evidence row."""
         return _classify_embedlens(self, evidence) if self.kind == "embedlens" else _classify_auto(self, evidence)
 
+    def groups(self, evidence: pd.DataFrame, decided: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Each evidence row's membership of the reference groups, the `in_<group>` columns (see the module
+        docstring). `decided`: this rule's `classify(evidence)`, when already at hand."""
+        member = {role: self._near_anchor(evidence, role) for role in ROLES}
+        if self.kind == "auto":
+            decided = self.classify(evidence) if decided is None else decided
+            sink = (decided["category"] == "sink").to_numpy()
+            member["sink_vit"] |= sink & (decided["sink_source"] == "vit").to_numpy()
+            member["sink_llm"] |= sink & (decided["sink_source"] == "llm").to_numpy()
+            member["dead"] |= (decided["category"] == "dead").to_numpy()
+        member["sink"] = member["sink_vit"] | member["sink_llm"]
+        member["alive"] = ~(member["sink"] | member["dead"])
+        return pd.DataFrame({f"in_{group}": member[group] for group in GROUPS}, index=evidence.index)
+
+    def decide(self, evidence: pd.DataFrame) -> pd.DataFrame:
+        """`classify` and `groups` side by side."""
+        decided = self.classify(evidence)
+        return pd.concat([decided, self.groups(evidence, decided)], axis=1)
+
+    def _near_anchor(self, evidence: pd.DataFrame, role: str) -> np.ndarray:
+        """Whether an anchor id of `role` is among each row's top-k neighbours."""
+        ids = self.anchor_ids(role)
+        return np.array([not ids.isdisjoint(list(topk_ids)[:self.topk]) for topk_ids in evidence["topk_ids"]],
+                        dtype=bool)
+
 
 def unit_sketches(evidence: pd.DataFrame) -> np.ndarray:
     sketches = np.stack(evidence["sketch"].to_numpy()).astype(np.float32)
@@ -160,11 +197,10 @@ def _first_anchor(topk_ids: list[int], ids: set[int]) -> int | None:
 
 
 def _classify_embedlens(rule: TokenRule, evidence: pd.DataFrame) -> pd.DataFrame:
-    roles = [("sink_vit", "sink", "vit"), ("sink_llm", "sink", "llm"), ("dead", "dead", "")]
     decisions = []
     for topk_ids in evidence["topk_ids"]:
         decision = ("alive", "", f"no anchor among the top-{rule.topk}")
-        for role, category, source in roles:
+        for role, (category, source) in zip(ROLES, [("sink", "vit"), ("sink", "llm"), ("dead", "")]):
             hit = _first_anchor(list(topk_ids)[:rule.topk], rule.anchor_ids(role))
             if hit is not None:
                 decision = (category, source, f"top-{rule.topk} contains the {role} anchor {hit}")
@@ -279,7 +315,8 @@ def discover_rule(evidence: pd.DataFrame, groups: dict[str, torch.Tensor], token
 @dataclass(frozen=True)
 class TokensConfig:
     rule: RuleKind = "auto"
-    anchors: tuple[int, int, int] | None = None  # ViT sink, LLM sink, dead: for the embedlens rule
+    # For the embedlens rule: role ("sink_vit", "sink_llm", "dead") -> its anchor vocabulary ids.
+    anchors: dict[str, tuple[int, ...]] | None = None
     topk: int = 3
     z_threshold: float = 3.5
     min_share: float = 0.05
@@ -289,10 +326,44 @@ class TokensConfig:
     prompt: str = ANALYSIS_PROMPT
 
     def __post_init__(self):
-        if self.rule == "embedlens" and self.anchors is None:
-            raise InputError("--rule embedlens needs --anchors SINK_VIT,SINK_LLM,DEAD (three vocabulary ids)")
+        anchors = self.anchors or {}
+        if self.rule == "embedlens" and not any(anchors.values()):
+            raise InputError("--rule embedlens needs anchor ids: --sink-vit IDS, --sink-llm IDS and/or --dead IDS")
+        if self.rule == "auto" and any(anchors.values()):
+            raise InputError("anchor ids (--sink-vit, --sink-llm, --dead) are for --rule embedlens; "
+                             "the auto rule discovers its own")
+        if set(anchors) - set(ROLES):
+            raise InputError(f"unknown anchor roles {sorted(set(anchors) - set(ROLES))}; the roles are {ROLES}")
+        for first, second in itertools.combinations(anchors, 2):
+            if shared := sorted(set(anchors[first]) & set(anchors[second])):
+                raise InputError(f"anchor id {shared[0]} is given to two roles, {_flag(first)} and {_flag(second)}; "
+                                 f"give each id one role")
         if self.topk < 1:
             raise InputError(f"--topk must be at least 1 (got {self.topk})")
+
+
+def _flag(role: str) -> str:
+    """The `wb analyze tokens` option that gives a role's anchor ids."""
+    return "--" + role.replace("_", "-")
+
+
+def given_anchors(loaded: LoadedModel, anchor_ids: dict[str, tuple[int, ...]]) -> list[Anchor]:
+    """The embedlens rule's anchors, each id checked to be a vocabulary row that can be a neighbour."""
+    tokenizer = loaded.processor.tokenizer
+    num_rows = loaded.adapter.embed_tokens.weight.shape[0]
+    image_token = loaded.adapter.image_token_id
+    excluded = loaded.adapter.non_text_vocabulary_rows(tokenizer)
+    anchors = []
+    for role, ids in anchor_ids.items():
+        for token_id in ids:
+            if not 0 <= token_id < num_rows or token_id == image_token or token_id in excluded.rows:
+                never = [] if image_token in excluded.rows else [f"{image_token} (the image token)"]
+                never += [excluded.describe()] if excluded.rows else []
+                raise InputError(f"{_flag(role)} {token_id} can never be a neighbour (vocabulary ids 0-{num_rows - 1}; "
+                                 f"excluded: {', '.join(never)})")
+            anchors.append(Anchor(token_id, tokenizer.decode([token_id]), role, float("nan"), float("nan"),
+                                  float("nan")))
+    return anchors
 
 
 def summarise(table: pd.DataFrame, rule: TokenRule) -> dict:
@@ -302,6 +373,7 @@ def summarise(table: pd.DataFrame, rule: TokenRule) -> dict:
         "num_images": int(table["image_id"].nunique()),
         "num_tokens": len(table),
         "fractions": {category: float(fractions.get(category, 0.0)) for category in CATEGORIES},
+        "group_fractions": {group: float(table[f"in_{group}"].mean()) for group in GROUPS},
         "sink_sources": {source: float((table["sink_source"] == source).mean()) for source in ("vit", "llm")},
         "alive_per_image": {"min": float(per_image_alive.min()), "median": float(per_image_alive.median()),
                             "max": float(per_image_alive.max())},
@@ -317,26 +389,25 @@ def summarise(table: pd.DataFrame, rule: TokenRule) -> dict:
 
 def analyze_tokens(loaded: LoadedModel, images: ImageSet, out: str, config: TokensConfig = TokensConfig()) -> dict:
     """Run (or resume) the tokens analysis into `out`; returns the summary also written there."""
+    anchors = given_anchors(loaded, config.anchors) if config.rule == "embedlens" else []
     store = RunStore.open(out, kind="tokens", model=loaded.name, data=images.source, config=asdict(config))
     layers = EvidenceLayers.for_depth(loaded.adapter.num_llm_layers)
-    evidence, groups = run_batches(
+    evidence, top1_sums = run_batches(
         store, images, config.batch_size, "evidence",
         lambda items, pil: token_evidence(loaded, items, pil, config.topk, layers, config.prompt),
         "token evidence")
     tokenizer = loaded.processor.tokenizer
     if config.rule == "embedlens":
-        vit, llm, dead = config.anchors
-        anchors = [Anchor(token_id, tokenizer.decode([token_id]), role, float("nan"), float("nan"), float("nan"))
-                   for token_id, role in ((vit, "sink_vit"), (llm, "sink_llm"), (dead, "dead"))]
         rule = TokenRule("embedlens", config.topk, anchors, config.z_threshold)
     else:
-        rule = discover_rule(evidence, groups, tokenizer, config)
-    table = pd.concat([evidence, rule.classify(evidence)], axis=1)
+        rule = discover_rule(evidence, top1_sums, tokenizer, config)
+    table = pd.concat([evidence, rule.decide(evidence)], axis=1)
     store.write_table("tokens", table)
     summary = summarise(table, rule) | {"evidence_layers": asdict(layers),
                                         "skipped_images": store.manifest["skipped_images"]}
     store.write_json("summary", summary)
-    store.finish(num_llm_layers=loaded.adapter.num_llm_layers)
+    store.finish(num_llm_layers=loaded.adapter.num_llm_layers,
+                 excluded_vocabulary_rows=loaded.adapter.non_text_vocabulary_rows(tokenizer).describe())
     return summary
 
 

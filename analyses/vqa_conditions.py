@@ -3,22 +3,26 @@
 Each condition is a `Generator` (`workbench.evaluation.vqa`): `scheduled` runs the model under a
 `TokenSchedule` (late entry, early exit: `efficient_models.token_schedule.engine`), `hooked` under a hook
 `Intervention` (skipped sublayers, cut attention edges). `TokenCategories` categorises the visual
-tokens of the questions' images once (with a tokens run's rule); `removal` generates with a set of
-categories never entering the LLM, or, as the matched control, the same number of randomly chosen
-visual tokens of each image; `accuracy_under` scores the answers of any generator.
+tokens of the questions' images once (with a tokens run's rule), keeping both each token's exclusive
+category and its reference-group membership (`analyses.tokens`); which of the two the conditions count
+by is its `groups`. `removal` generates with the tokens of some categories never entering the LLM, or,
+as the matched control, as many tokens of each image drawn at random from a pool: the alive tokens (as
+the reference does) or all visual tokens. `accuracy_under` scores the answers of any generator.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Collection, Sequence
+from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from transformers import BatchFeature
 
 from analyses.token_evidence import EvidenceLayers, token_evidence
-from analyses.tokens import TokenRule
+from analyses.tokens import CATEGORIES, TokenRule
 from efficient_models.token_schedule import schedule as schedules
 from efficient_models.token_schedule.scheduled_model import ScheduledModel
 from efficient_models.token_schedule.schedule import TokenSchedule
@@ -27,26 +31,82 @@ from workbench.evaluation.vqa import Generator, Question, answer_questions, is_c
 from workbench.hook_interventions import Intervention, intervene
 from workbench.models.loading import LoadedModel
 
+GroupSemantics = Literal["reference", "exclusive"]  # count a category by its reference group or exclusively
+ControlPool = Literal["alive", "all"]  # where a matched random control draws its tokens from
+
 
 class TokenCategories:
-    """Category of every visual token (row-major) of each question image, by image id."""
+    """Every visual token (row-major) of each question image: its exclusive `category` and its `in_<group>`
+    reference-group membership, by image id. `groups` says which of the two the conditions count by."""
 
-    def __init__(self, loaded: LoadedModel, rule: TokenRule, questions: Sequence[Question], batch_size: int):
+    def __init__(self, by_image: dict[str, pd.DataFrame], groups: GroupSemantics = "reference"):
+        self.by_image = by_image
+        self.groups = groups
+
+    @classmethod
+    def of_questions(cls, loaded: LoadedModel, rule: TokenRule, questions: Sequence[Question], batch_size: int,
+                     groups: GroupSemantics = "reference") -> TokenCategories:
         scenes = {scene_id(scene): scene for scene, _ in questions}
         layers = EvidenceLayers.for_depth(loaded.adapter.num_llm_layers)
-        self.by_image: dict[str, np.ndarray] = {}
+        by_image: dict[str, pd.DataFrame] = {}
         ids = list(scenes)
         for start in range(0, len(ids), batch_size):
             batch = ids[start:start + batch_size]
             items = [ImageItem(image_id, lambda s=scenes[image_id]: s.image, lambda s=scenes[image_id]: s)
                      for image_id in batch]
             evidence, _ = token_evidence(loaded, items, [scenes[i].image for i in batch], rule.topk, layers)
-            categories = rule.classify(evidence)["category"].to_numpy()
+            decided = pd.concat([evidence["image_id"], rule.decide(evidence)], axis=1)
             for image_id in batch:
-                self.by_image[image_id] = categories[(evidence["image_id"] == image_id).to_numpy()]
+                by_image[image_id] = decided[decided["image_id"] == image_id].reset_index(drop=True)
+        return cls(by_image, groups)
 
-    def fraction(self, category: str) -> float:
-        return float(np.mean(np.concatenate([c == category for c in self.by_image.values()])))
+    def members(self, image_id: str, category: str, groups: GroupSemantics | None = None) -> np.ndarray:
+        """Which tokens of `image_id` count as `category`: its reference group, or the exclusive category
+        (`groups`, default this object's)."""
+        tokens = self.by_image[image_id]
+        if (groups or self.groups) == "reference":
+            return tokens[f"in_{category}"].to_numpy(dtype=bool)
+        return (tokens["category"] == category).to_numpy()
+
+    def fraction(self, category: str, groups: GroupSemantics | None = None) -> float:
+        """Share of all question-image tokens counted as `category` (as the conditions count, by default)."""
+        return float(np.mean(np.concatenate([self.members(image_id, category, groups) for image_id in self.by_image])))
+
+    def fractions(self, groups: GroupSemantics | None = None) -> dict[str, float]:
+        return {category: self.fraction(category, groups) for category in CATEGORIES}
+
+    def pool(self, image_id: str, draw_from: ControlPool) -> np.ndarray:
+        """The tokens of `image_id` a random control drawing from `draw_from` may take."""
+        if draw_from == "alive":
+            return self.members(image_id, "alive")
+        return np.ones(len(self.by_image[image_id]), dtype=bool)
+
+    def removed(self, image_id: str, categories: Collection[str], random_from: ControlPool | None = None
+                ) -> np.ndarray:
+        """The tokens of `image_id` in any of `categories`, or with `random_from` as many drawn at random from
+        that pool (`random_tokens`)."""
+        hit = np.any([self.members(image_id, category) for category in categories], axis=0)
+        if random_from is None:
+            return hit
+        return random_tokens(image_id, int(hit.sum()), self.pool(image_id, random_from))
+
+    def control_shortfall(self, categories: Collection[str], random_from: ControlPool) -> dict[str, int]:
+        """Images whose pool was smaller than the control's draw, and the tokens taken from outside it."""
+        short = [max(0, int(self.removed(image_id, categories).sum()) - int(self.pool(image_id, random_from).sum()))
+                 for image_id in self.by_image]
+        return {"images": sum(missing > 0 for missing in short), "tokens": sum(short)}
+
+
+def random_tokens(image_id: str, count: int, pool: np.ndarray) -> np.ndarray:
+    """`count` tokens drawn at random from `pool` (a mask), seeded by the image id so every condition and
+    rerun draws the same; when the pool is smaller, all of it and random others."""
+    rng = np.random.default_rng(zlib.crc32(image_id.encode()))
+    chosen = rng.permutation(np.flatnonzero(pool))[:count]
+    if len(chosen) < count:
+        chosen = np.concatenate([chosen, rng.permutation(np.flatnonzero(~pool))[:count - len(chosen)]])
+    drawn = np.zeros(len(pool), dtype=bool)
+    drawn[chosen] = True
+    return drawn
 
 
 def scheduled_model(loaded: LoadedModel, schedule: TokenSchedule) -> ScheduledModel:
@@ -72,27 +132,23 @@ def hooked(loaded: LoadedModel, intervention: Intervention) -> Generator:
 
 
 def removal(loaded: LoadedModel, categories: TokenCategories, removed: Collection[str],
-            random_control: bool = False) -> Generator:
-    """Generate with the tokens of the `removed` categories (or as many random visual tokens per image)
-    never entering the LLM; every other token keeps its position."""
+            random_from: ControlPool | None = None) -> Generator:
+    """Generate with the tokens of the `removed` categories (or, with `random_from`, as many tokens of each
+    image drawn at random from that pool) never entering the LLM; every other token keeps its position."""
     model = scheduled_model(loaded, schedules.dense(loaded.adapter.num_llm_layers))
 
     def generate(inputs: BatchFeature, image_ids: Sequence[str], max_new_tokens: int) -> list[str]:
-        mask = removal_mask(loaded, categories, removed, random_control, inputs, image_ids)
+        mask = removal_mask(loaded, categories, removed, random_from, inputs, image_ids)
         return model.generate_text(inputs, max_new_tokens, removed=mask)
     return generate
 
 
-def removal_mask(loaded: LoadedModel, categories: TokenCategories, removed: Collection[str], random_control: bool,
-                 inputs: BatchFeature, image_ids: Sequence[str]) -> torch.Tensor:
+def removal_mask(loaded: LoadedModel, categories: TokenCategories, removed: Collection[str],
+                 random_from: ControlPool | None, inputs: BatchFeature, image_ids: Sequence[str]) -> torch.Tensor:
     """[batch, seq] bool: the visual tokens `removal` takes out of this batch."""
     mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
     for layout, image_id in zip(loaded.adapter.image_layouts(inputs), image_ids):
-        hit = np.isin(categories.by_image[image_id], list(removed))
-        if random_control:
-            chosen = np.random.default_rng(zlib.crc32(image_id.encode())).permutation(len(hit))[:int(hit.sum())]
-            hit = np.zeros_like(hit)
-            hit[chosen] = True
+        hit = categories.removed(image_id, removed, random_from)
         mask[layout.sample, layout.positions[torch.from_numpy(hit)]] = True
     return mask
 

@@ -26,6 +26,7 @@ def headline(view: RunView) -> dict[str, float]:
     numbers: dict[str, float] = {}
     if view.kind == "tokens":
         numbers |= {f"fraction {c}": v for c, v in summary.get("fractions", {}).items()}
+        numbers |= {f"group fraction {c}": v for c, v in summary.get("group_fractions", {}).items()}
         numbers |= {f"alive per image, {k}": v for k, v in summary.get("alive_per_image", {}).items()}
     elif view.kind == "probe":
         for condition, accuracy in ((summary.get("vqa") or {}).get("accuracy") or {}).items():

@@ -71,10 +71,16 @@ def test_interventions_table_lists_every_condition(run_wb, default_model, tokens
                             "--questions", "4", "--batch-size", "4", "--skip-layers", "20-29", "--exit-layers", "15",
                             "--inject-layers", "4", "--out", str(tmp_path / "iv"), "--json", model=default_model)
     assert code == 0, err
-    accuracy = json.loads(out)["accuracy"]
-    assert {"all tokens", "no visual tokens", "remove alive", "remove random, as many as alive",
+    summary = json.loads(out)
+    accuracy = summary["accuracy"]
+    controls = {"remove random (from alive), as many as sink", "remove random (from alive), as many as dead",
+                "remove random (from all), as many as alive"}
+    assert {"all tokens", "no visual tokens", "remove alive", *controls,
             "skip visual attention, layers 20-29", "exit at layer 15", "inject at layer 4"} <= set(accuracy)
     assert all(0 <= value <= 1 for value in accuracy.values())
+    assert (summary["groups"], summary["control_from"]) == ("reference", "alive")
+    assert set(summary["fractions"]) == set(summary["group_fractions"]) == {"sink", "dead", "alive"}
+    assert set(summary["control_shortfall"]) == controls
 
 
 def test_bad_sources_and_mismatched_runs_end_with_one_line(run_wb, default_model, tokens_run, tmp_path):

@@ -17,6 +17,26 @@ def test_nearest_vocabulary_finds_planted_embeddings():
     assert torch.all(scores[:, :-1] >= scores[:, 1:])
 
 
+class WordsAndAddedTokens:
+    """`vocab_size` and `len` as a Hugging Face tokenizer of 90 words and 2 added tokens reports them."""
+
+    def __init__(self, added: int = 2):
+        self.vocab_size, self.added = 90, added
+
+    def __len__(self) -> int:
+        return self.vocab_size + self.added
+
+
+def test_non_text_rows_are_past_the_tokenizer_or_for_llava_past_the_base_vocabulary(llava, qwen):
+    # Base rule (Qwen2-VL, 96 rows): only the rows no tokenizer entry maps to; added tokens are text.
+    assert qwen.adapter.non_text_vocabulary_rows(WordsAndAddedTokens()).describe() == \
+        "92-95 (rows no tokenizer entry maps to)"
+    assert qwen.adapter.non_text_vocabulary_rows(WordsAndAddedTokens(added=6)).describe() == "none"
+    # LLaVA (llava-hf conversions): every row from the base vocabulary on, added tokens included.
+    rows = llava.adapter.non_text_vocabulary_rows(WordsAndAddedTokens())
+    assert rows.rows == range(90, 96) and rows.describe().startswith("90-95 (appended after the base vocabulary")
+
+
 def test_spread_indices_cover_the_grid():
     assert spread_indices(256, 5) == [0, 64, 128, 191, 255]
     assert spread_indices(3, 5) == [0, 1, 2]

@@ -3,11 +3,17 @@
 Token-set changes (late entry, early exit, removed tokens) are the scheduled engine's
 (`efficient_models.token_schedule.engine`): each is checked against the plain Hugging Face model run on the
 sequence it claims to be equivalent to. Hook interventions (skipped sublayers, cut attention edges)
-are `workbench.hook_interventions`, checked at prefill and while generating with a KV cache.
+are `workbench.hook_interventions`, checked at prefill and while generating with a KV cache. The random
+controls of category removal (`analyses.vqa_conditions`) are checked at the end.
 """
 
+import zlib
+
+import numpy as np
 import pytest
 import torch
+
+from analyses.vqa_conditions import random_tokens
 
 from efficient_models.token_schedule.schedule import TokenSchedule
 from efficient_models.token_schedule.engine import ScheduledLLM
@@ -246,3 +252,11 @@ def test_layers_outside_the_model_are_refused(loaded, batch):
     with pytest.raises(InputError, match="out of range"), \
             intervene(loaded, batch, Intervention(skip_mlp=frozenset({NUM_LAYERS}))):
         pass
+
+
+# --- random controls --------------------------------------------------------------
+
+def test_a_control_drawn_from_all_visual_tokens_is_the_draw_runs_made_before_alive_pools():
+    drawn = random_tokens("scene-7", 5, np.ones(16, dtype=bool))
+    before = np.random.default_rng(zlib.crc32(b"scene-7")).permutation(16)[:5]
+    assert set(np.flatnonzero(drawn)) == set(before)

@@ -1,5 +1,6 @@
 """Token categories: the reference rule on a hand-computed case, and the auto rule finding planted
-dead and sink tokens in the default model; resumed runs give the same table."""
+dead and sink tokens in the default model; resumed runs give the same table; anchor ids per role.
+(The reference's overlapping groups: tests/test_reference_parity_embedlens.py.)"""
 
 import json
 import shutil
@@ -8,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.tokens import Anchor, TokenRule, TokensConfig, analyze_tokens
+from analyses.tokens import Anchor, TokenRule, TokensConfig, analyze_tokens, given_anchors
 from workbench.data.image_sets import resolve_image_set
 from workbench.errors import InputError
 from workbench.inspection import nearest_vocabulary
@@ -78,6 +79,14 @@ def test_auto_rule_finds_the_planted_dead_and_sink_tokens(planted, tmp_path):
     assert (sinks["category"] == "sink").all() and (sinks["sink_source"] == "llm").all()
     others = table[~table["token"].isin([*DEAD_TOKENS, SINK_TOKEN])]
     assert (others["category"] == "alive").mean() > 0.9
+    # Under auto, a token's reference groups always hold its exclusive sink or dead category.
+    assert table.loc[table["category"] == "sink", "in_sink"].all() and table.loc[sinks.index, "in_sink_llm"].all()
+    assert table.loc[table["category"] == "dead", "in_dead"].all()
+    assert (table["in_alive"] == ~(table["in_sink"] | table["in_dead"])).all()
+    assert summary["group_fractions"]["dead"] >= summary["fractions"]["dead"]
+    # The default model's only row past its base vocabulary is the image token, never a neighbour anyway.
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["excluded_vocabulary_rows"].startswith("49152 (")
     # Ground truth travels with each token for probe scenes.
     assert set(table["patch_kind"]) <= {"object", "text", "background"}
 
@@ -99,6 +108,34 @@ def test_resuming_a_tokens_run_gives_the_same_table(default_model, tmp_path):
     shutil.rmtree(tmp_path / "run")
 
 
-def test_the_reference_rule_needs_its_anchors():
-    with pytest.raises(InputError, match="--anchors"):
+def test_the_reference_rule_needs_its_anchors_each_with_one_role():
+    with pytest.raises(InputError, match="--sink-vit IDS, --sink-llm IDS and/or --dead IDS"):
         TokensConfig(rule="embedlens")
+    with pytest.raises(InputError, match="anchor id 7 is given to two roles, --sink-llm and --dead"):
+        TokensConfig(rule="embedlens", anchors={"sink_llm": (5, 7), "dead": (7,)})
+    with pytest.raises(InputError, match="for --rule embedlens"):
+        TokensConfig(anchors={"dead": (7,)})
+    assert TokensConfig(rule="embedlens", anchors={"sink_llm": (26, 11)}).anchors == {"sink_llm": (26, 11)}
+
+
+def test_anchor_ids_must_be_text_tokens_of_the_vocabulary(default_model):
+    for token_id in (49152, 49153):  # the image token; past the matrix
+        with pytest.raises(InputError, match=f"--dead {token_id} can never be a neighbour"):
+            given_anchors(default_model, {"dead": (token_id,)})
+    anchors = given_anchors(default_model, {"sink_llm": (4367, 141), "dead": (4763,)})
+    assert [(anchor.id, anchor.role) for anchor in anchors] == [(4367, "sink_llm"), (141, "sink_llm"), (4763, "dead")]
+
+
+def test_embedlens_cli_takes_several_ids_per_role_and_prints_both_fractions(run_wb, default_model, tmp_path):
+    code, _, err = run_wb("analyze", "tokens", "--images", "probe:test:1", "--out", str(tmp_path / "bad"),
+                          "--rule", "embedlens", "--sink-llm", "5", "--dead", "5,6")
+    assert code == 2 and "given to two roles" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_wb("analyze", "tokens", "--images", "probe:test:2", "--out", str(tmp_path / "run"),
+                            "--rule", "embedlens", "--sink-llm", "4367,141", "--dead", "4763", model=default_model)
+    assert code == 0, err
+    assert "exclusive" in out and "reference groups" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [anchor["role"] for anchor in summary["rule"]["anchors"]] == ["sink_llm", "sink_llm", "dead"]
+    table = pd.read_parquet(tmp_path / "run" / "tokens.parquet")
+    near = table["topk_ids"].apply(lambda ids: bool({4367, 141} & set(ids)))
+    assert (table["in_sink_llm"] == near).all() and (table["in_sink"] == near).all()

@@ -23,7 +23,7 @@ QWEN_IMAGE_ID, QWEN_VISION_START, QWEN_VISION_END = 93, 94, 95
 
 
 def tiny_llava(seed: int = 0, num_layers: int = 4, attn_implementation: str = "sdpa",
-               image_size: int = 28) -> LlavaForConditionalGeneration:
+               image_size: int = 28, image_token_id: int = LLAVA_IMAGE_ID) -> LlavaForConditionalGeneration:
     """CLIP-vision (2 layers, 28 px by default, 14 px patches -> 2x2 grid) + Llama decoder."""
     torch.manual_seed(seed)
     text = LlamaConfig(
@@ -32,7 +32,7 @@ def tiny_llava(seed: int = 0, num_layers: int = 4, attn_implementation: str = "s
     )
     vision = CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                               image_size=image_size, patch_size=14)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=LLAVA_IMAGE_ID,
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
     config._attn_implementation = attn_implementation
     model = LlavaForConditionalGeneration(config)

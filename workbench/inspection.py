@@ -65,11 +65,14 @@ def nearest_vocabulary(
 
 
 def vocabulary_neighbours(loaded: LoadedModel, vectors: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`nearest_vocabulary` against the LLM's input embeddings, on CPU, never returning the image token."""
-    embedding_matrix = loaded.adapter.embed_tokens.weight.detach()
+    """`nearest_vocabulary` against the LLM's input embeddings, on CPU, never returning the image token
+    or a row that is no real text token (`ArchitectureAdapter.non_text_vocabulary_rows`)."""
+    adapter = loaded.adapter
+    embedding_matrix = adapter.embed_tokens.weight.detach()
+    excluded = [adapter.image_token_id, *adapter.non_text_vocabulary_rows(loaded.processor.tokenizer).rows]
     with torch.no_grad():
         scores, ids = nearest_vocabulary(vectors.to(embedding_matrix.device), embedding_matrix, top_k,
-                                         exclude=[loaded.adapter.image_token_id])
+                                         exclude=excluded)
     return scores.cpu(), ids.cpu()
 
 

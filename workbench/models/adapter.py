@@ -73,6 +73,21 @@ class ImageLayout:
         return self.rows * self.cols
 
 
+@dataclass(frozen=True)
+class NonTextRows:
+    """Rows of the input-embedding matrix that are no real text token, and why: never nearest neighbours."""
+
+    rows: range
+    reason: str
+
+    def describe(self) -> str:
+        """E.g. "32000-32063 (why)", or "none"."""
+        if not self.rows:
+            return "none"
+        span = str(self.rows.start) if len(self.rows) == 1 else f"{self.rows.start}-{self.rows.stop - 1}"
+        return f"{span} ({self.reason})"
+
+
 class ArchitectureAdapter(ABC):
     """Names the parts of one model family. Subclasses set the paths and the grid logic."""
 
@@ -127,6 +142,11 @@ class ArchitectureAdapter(ABC):
     @property
     def embed_tokens(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
+
+    def non_text_vocabulary_rows(self, tokenizer: Any) -> NonTextRows:
+        """Rows past the tokenizer (from `len(tokenizer)` on): padding that rounds the matrix up, which no
+        token maps to and whose embedding was never trained."""
+        return NonTextRows(range(len(tokenizer), self.embed_tokens.weight.shape[0]), "rows no tokenizer entry maps to")
 
     @property
     def lm_head(self) -> nn.Module:

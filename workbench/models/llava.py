@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from workbench.models.adapter import ArchitectureAdapter, register_adapter
+from workbench.models.adapter import ArchitectureAdapter, NonTextRows, register_adapter
 
 
 @register_adapter
@@ -30,6 +31,16 @@ class LlavaAdapter(ArchitectureAdapter):
         if side * side != num_tokens // num_images:
             raise ValueError(f"{num_tokens // num_images} visual tokens per image is not a square grid")
         return [(side, side)] * num_images
+
+    def non_text_vocabulary_rows(self, tokenizer: Any) -> NonTextRows:
+        """Every row from the text model's base vocabulary (`tokenizer.vocab_size`) on. The llava-hf
+        conversion appended rows after it: the added `<image>` and `<pad>` tokens, then padding to a
+        multiple of 64 that no token maps to, all filled near the mean embedding, so they would be
+        hubs near every visual token (ids 32000-32063 on llava-1.5)."""
+        base = tokenizer.vocab_size
+        return NonTextRows(range(base, self.embed_tokens.weight.shape[0]),
+                           f"appended after the base vocabulary of {base} ids: added tokens such as the image "
+                           f"token, and padding")
 
     def input_embeddings(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The LLM's input embeddings [batch, seq, d]: token embeddings, projector outputs at the image tokens."""
