@@ -6,21 +6,52 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from workbench.console import MODEL_OPTION, console, load_with_notes
 from workbench.errors import InputError
+from workbench.output_paths import output_folder
 
 analyze_app = typer.Typer(help="Batch analyses over image sets, written to resumable run folders.",
                           no_args_is_help=True)
 
-IMAGES_OPTION = typer.Option(..., "--images", help="probe:N (validation scenes), probe:SPLIT:N, samples, or a folder.")
-OUT_OPTION = typer.Option(..., "--out", help="Run folder; the same command resumes it.")
+
+
+def _image_set(value: str) -> str:
+    """--images is resolved once when the options are parsed, so a bad set is one line before a model loads."""
+    from workbench.data.image_sets import resolve_image_set
+
+    resolve_image_set(value)
+    return value
+
+
+IMAGES_OPTION = typer.Option(..., "--images", callback=_image_set,
+                             help="probe:N (validation scenes), probe:SPLIT:N, samples, or a folder.")
+OUT_OPTION = typer.Option(..., "--out", help="Run folder; the same command resumes it.", callback=output_folder)
 BATCH_OPTION = typer.Option(8, "--batch-size", min=1)
-TOKENS_RUN_OPTION = typer.Option(None, "--tokens-run", help="A finished tokens run whose categories to use "
-                                                            "(default: run one now in OUT/tokens).")
+
+
+def _finished_tokens_run(value: str | None) -> str | None:
+    """--tokens-run names a finished tokens run: read from its manifest when the options are parsed, so a
+    wrong folder is one line before a model loads (workbench.store reads it fully later)."""
+    if value is None:
+        return value
+    try:
+        manifest = json.loads((Path(value) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        raise InputError(f"--tokens-run {value} is not a run folder (no readable manifest.json); "
+                         "make one with `wb analyze tokens`") from None
+    if manifest.get("kind") != "tokens" or manifest.get("status") != "complete":
+        raise InputError(f"--tokens-run {value} is a {manifest.get('status')} {manifest.get('kind')!r} run, not a "
+                         "finished tokens run; finish it by running its command again")
+    return value
+
+
+TOKENS_RUN_OPTION = typer.Option(None, "--tokens-run", callback=_finished_tokens_run,
+                                 help="A finished tokens run whose categories to use (default: run one now in OUT/tokens).")
 JSON_OPTION = typer.Option(False, "--json", help="Print the summary as JSON.")
 
 

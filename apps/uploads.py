@@ -6,7 +6,7 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 
-from workbench.data.images import check_image_size
+from workbench.data.images import check_image_size, to_rgb
 from workbench.errors import InputError
 
 
@@ -17,7 +17,7 @@ def image_from_upload(name: str, data: bytes) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            rgb = image.convert("RGB")
+            rgb = to_rgb(image)
     except UnidentifiedImageError:
         raise InputError(f"uploaded file {name} is not an image this app can read (PNG, JPEG, BMP, GIF, WebP, TIFF)"
                          ) from None

@@ -15,6 +15,7 @@ from rich.progress import Progress
 from efficient_models.registry import methods, variants
 from workbench.console import MODEL_OPTION, console, status_console
 from workbench.errors import InputError
+from workbench.output_paths import output_file, output_folder
 
 DEFAULT_VARIANTS = "dense,fastv,pdrop"
 
@@ -34,7 +35,7 @@ def export_command() -> Callable[..., None]:
     def export_config(
         run: Path = typer.Option(..., "--run", help="A finished analysis run folder."),
         method: str = typer.Option(..., "--method", help=f"The method, and the runs it is exported from: {sources}."),
-        out: Path = typer.Option(..., "--out", help="The YAML file to write."),
+        out: Path = typer.Option(..., "--out", help="The YAML file to write.", callback=output_file),
         token_budget: float | None = typer.Option(
             None, "--token-budget", min=0.0, max=1.0,
             help="Refit the config to this share of dense visual-token-layers (e.g. 0.1, like HiDrop's Tok48), for "
@@ -77,7 +78,8 @@ def bench_command() -> Callable[..., None]:
         batch_size: int = typer.Option(8, min=1, help="Questions per batch; the timed batch is the first one."),
         repeats: int = typer.Option(5, min=1, help="Timed repeats (medians are reported)."),
         decode_steps: int = typer.Option(16, min=1, help="Greedy steps timed for decode throughput."),
-        out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for bench.json and the accuracy-vs-FLOPs plot."),
+        out: Path = typer.Option(Path("runs/bench"), "--out", callback=output_folder,
+                                 help="Folder for bench.json and the accuracy-vs-FLOPs plot."),
         model: str = MODEL_OPTION,
     ) -> None:
         """Variants against dense on the same inputs: accuracy, counted FLOPs, speed and memory ratios to dense."""

@@ -4,8 +4,8 @@
 - efficient_models: `train <method>` and `bench` for every registered method, `export-config`;
 - analyses: `analyze ...`;
 - apps: `app`.
-Every `WorkbenchError` ends the command with one line on stderr and exit code 2; tracebacks are kept for
-real bugs.
+Every `WorkbenchError`, and every OS error (a path that cannot be read or written), ends the command with
+one line on stderr and exit code 2; tracebacks are kept for real bugs.
 """
 
 from __future__ import annotations
@@ -53,4 +53,8 @@ def main() -> None:
         build_app()()
     except WorkbenchError as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:  # a path the command could not read or write: a folder, no permission, a full disk
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}; check the path and its permissions", file=sys.stderr)
         sys.exit(2)

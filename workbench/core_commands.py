@@ -12,6 +12,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from workbench.console import MODEL_OPTION, console, load_with_notes, status_console
+from workbench.output_paths import output_folder
 
 models_app = typer.Typer(help="Build and describe models.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: probe scenes with ground truth.", no_args_is_help=True)
@@ -23,12 +24,14 @@ def inspect(
     model: str = MODEL_OPTION,
     prompt: str = typer.Option("Describe the image.", "--prompt", "-p"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    max_new_tokens: int = typer.Option(40, help="Length limit of the answer."),
+    max_new_tokens: int = typer.Option(40, min=1, help="Length limit of the answer."),
 ) -> None:
     """How a model sees one image: visual tokens, answer, norms per layer, nearest vocabulary tokens."""
     from workbench.data.images import load_image
     from workbench.inspection import inspect_image
+    from workbench.models.inputs import check_prompt_text
 
+    check_prompt_text(prompt)
     picture = load_image(image)
     loaded = load_with_notes(model)
     with status_console.status("tracing ..."):
@@ -105,7 +108,7 @@ def probe_scenes(
     n: int = typer.Option(16, min=1, help="How many scenes."),
     seed: int = typer.Option(0, help="First scene index within the split."),
     split: str = typer.Option("train", help="train, val or test."),
-    out: Path = typer.Option(..., help="Folder for the PNGs and scenes.jsonl."),
+    out: Path = typer.Option(..., help="Folder for the PNGs and scenes.jsonl.", callback=output_folder),
 ) -> None:
     """Write probe scenes (PNG) and their ground truth (JSONL) for a person to look at."""
     from workbench.data.probe_scenes import write_probe_scenes
@@ -149,8 +152,8 @@ def eval_vqa(
 
 def train_default(
     config: Path | None = typer.Option(None, "--config", help="Recipe YAML (default: the shipped recipe)."),
-    out: Path | None = typer.Option(None, "--out", help="Run folder (default: runs/train-default, "
-                                                        "runs/train-default-smoke with --smoke)."),
+    out: Path | None = typer.Option(None, "--out", callback=output_folder,
+                                    help="Run folder (default: runs/train-default, runs/train-default-smoke with --smoke)."),
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="Continue from the run folder's last checkpoint, or start over."),
     install: bool = typer.Option(False, "--install", help="Copy the finished run's weights to where "

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from workbench.models.inputs import build_inputs
+from workbench.models.inputs import build_inputs, check_fits_context
 from workbench.models.loading import LoadedModel
 from workbench.tracing import Capture, CaptureSpec, capture
 
@@ -102,6 +102,7 @@ def inspect_image(
     max_new_tokens: int = 40,
 ) -> InspectReport:
     inputs = build_inputs(loaded.processor, [image], [prompt], device=loaded.device)
+    check_fits_context(inputs, loaded.context_length, max_new_tokens)
     traced = capture(loaded, inputs, CaptureSpec(projector=True, embeddings=True, llm_layers="all"))
     (layout,) = traced.layouts
     tokenizer = loaded.processor.tokenizer

@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from workbench.data.images import load_image, sample_names
-from workbench.data.probe_scenes import SPLITS, ProbeScene, generate_scene, scene_seed
+from workbench.data.probe_scenes import SEEDS_PER_SPLIT, SPLITS, ProbeScene, generate_scene, scene_seed
 from workbench.errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -37,14 +37,15 @@ class ImageItem:
 @dataclass(frozen=True)
 class ImageSet:
     source: str
-    items: list[ImageItem]
+    items: Sequence[ImageItem]
 
     def __len__(self) -> int:
         return len(self.items)
 
     @property
     def has_ground_truth(self) -> bool:
-        return all(item.scene is not None for item in self.items)
+        # Every probe scene has its ground truth; asking each of a long probe set's items would make them all.
+        return isinstance(self.items, ProbeItems) or all(item.scene is not None for item in self.items)
 
 
 def _probe_item(split: str, index: int) -> ImageItem:
@@ -53,13 +54,30 @@ def _probe_item(split: str, index: int) -> ImageItem:
                      lambda: generate_scene(seed))
 
 
-def _probe_set(spec: str) -> list[ImageItem]:
+class ProbeItems(Sequence[ImageItem]):
+    """The first `count` scenes of a split, each item made when asked for (a big N costs no memory)."""
+
+    def __init__(self, split: str, count: int):
+        self.split, self.count = split, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [_probe_item(self.split, i) for i in range(self.count)[index]]
+        return _probe_item(self.split, range(self.count)[index])
+
+
+def _probe_set(spec: str) -> ProbeItems:
     split, _, count = spec.rpartition(":")
     split = split or DEFAULT_PROBE_SPLIT
     if split not in SPLITS or not count.isdigit() or int(count) < 1:
         raise InputError(f"bad image set 'probe:{spec}': write probe:N or probe:SPLIT:N (N >= 1, SPLIT one of "
                          f"{', '.join(SPLITS)})")
-    return [_probe_item(split, index) for index in range(int(count))]
+    if int(count) > SEEDS_PER_SPLIT:
+        raise InputError(f"image set 'probe:{spec}' asks for more scenes than the split has ({SEEDS_PER_SPLIT:,})")
+    return ProbeItems(split, int(count))
 
 
 def _folder_set(folder: Path) -> list[ImageItem]:

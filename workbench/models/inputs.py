@@ -23,8 +23,28 @@ def image_placeholder(processor: Any) -> str:
     return token
 
 
+def check_prompt_text(prompt: str) -> str:
+    """The prompt, if it is text; bytes that were not UTF-8 (which Python keeps as lone surrogates) are refused."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(f"the prompt is not valid UTF-8 text (at character {error.start}); "
+                         "give it in UTF-8") from None
+    return prompt
+
+
+def check_fits_context(inputs: BatchFeature, context_length: int | None, new_tokens: int = 0) -> None:
+    """Refuse, before any forward pass, a batch whose prompt and answer would not fit the model's context."""
+    length = inputs["input_ids"].shape[1]
+    if context_length is not None and length + new_tokens > context_length:
+        answer = f" and {new_tokens:,} answer tokens" if new_tokens else ""
+        raise InputError(f"the prompt with its image is {length:,} tokens{answer}; the model's context is "
+                         f"{context_length:,} tokens: shorten the prompt")
+
+
 def format_prompt(processor: Any, prompt: str) -> str:
     """The text the processor should see for one image and one prompt."""
+    check_prompt_text(prompt)
     placeholder = image_placeholder(processor)
     if placeholder in prompt:
         return prompt

@@ -45,6 +45,12 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens the LLM reads (its config's `max_position_embeddings`), when the config says."""
+        text_config = getattr(self.model.config, "text_config", None) or self.model.config
+        return getattr(text_config, "max_position_embeddings", None)
+
     def generate_text(self, inputs: Mapping[str, torch.Tensor], max_new_tokens: int) -> list[str]:
         """Greedy continuations of a left-padded batch, decoded without the prompt or special tokens."""
         with torch.no_grad():
@@ -114,6 +120,9 @@ def _load_pretrained(name_or_path: str, dtype: torch.dtype, attn_implementation:
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
+        if Path(name_or_path).is_dir():
+            raise ModelLoadError(f"cannot load model folder {name_or_path}: its config.json cannot be read "
+                                 f"({type(error).__name__}: {_first_line(error)})") from None
         raise ModelLoadError(
             f"cannot load model {name_or_path!r}: not a local model folder, and the hub has no such id "
             f"or cannot be reached ({type(error).__name__}); pass a local path, a valid id, or 'default'"
@@ -125,6 +134,9 @@ def _load_pretrained(name_or_path: str, dtype: torch.dtype, attn_implementation:
         model = model_cls.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
         processor = AutoProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError, ImportError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ModelLoadError(f"cannot load model {name_or_path!r}: {reason}") from None
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {_first_line(error)}") from None
     return model, processor
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
