@@ -28,11 +28,12 @@ def inspect(
 ) -> None:
     """How a model sees one image: visual tokens, answer, norms per layer, nearest vocabulary tokens."""
     from workbench.data.images import load_image
-    from workbench.inspection import inspect_image
-    from workbench.models.inputs import check_prompt_text
+    from workbench.prompts import check_prompt_text
 
     check_prompt_text(prompt)
     picture = load_image(image)
+    from workbench.inspection import inspect_image  # torch loads only once the cheap checks have passed
+
     loaded = load_with_notes(model)
     with status_console.status("tracing ..."):
         report = inspect_image(loaded, picture, prompt, max_new_tokens=max_new_tokens)

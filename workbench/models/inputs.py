@@ -8,12 +8,14 @@ so that generation continues every row from its last real token.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-from PIL import Image
-from transformers import BatchFeature
+from typing import TYPE_CHECKING, Any
 
 from workbench.errors import InputError
+from workbench.prompts import check_prompt_text
+
+if TYPE_CHECKING:  # transformers takes seconds to import; the prompt checks here must not wait for it
+    from PIL import Image
+    from transformers import BatchFeature
 
 
 def image_placeholder(processor: Any) -> str:
@@ -21,16 +23,6 @@ def image_placeholder(processor: Any) -> str:
     if token is None:
         raise InputError(f"processor {type(processor).__name__} declares no image token; it cannot take images")
     return token
-
-
-def check_prompt_text(prompt: str) -> str:
-    """The prompt, if it is text; bytes that were not UTF-8 (which Python keeps as lone surrogates) are refused."""
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise InputError(f"the prompt is not valid UTF-8 text (at character {error.start}); "
-                         "give it in UTF-8") from None
-    return prompt
 
 
 def check_fits_context(inputs: BatchFeature, context_length: int | None, new_tokens: int = 0) -> None:
