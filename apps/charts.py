@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from apps.palette import CATEGORY_COLOURS, SEQUENTIAL
+
 SIMILARITY_CURVES = {"visual_self_cos": "visual tokens: cos(before, after layer)",
                      "text_self_cos": "text tokens: cos(before, after layer)",
                      "vision_effect": "vision effect on text: 1 - cos(with, without image)"}
@@ -15,7 +17,6 @@ ALIGNMENT_CURVES = {"separability": "separability of alive visual vs text states
                     "centroid_cos": "cosine of the two centroids",
                     "log10_norm_ratio": "log10(visual norm / text norm)",
                     "logit_lens_hit": "logit-lens hit rate of object tokens"}
-CATEGORY_ORDER = ("sink", "dead", "alive")
 
 
 def _curves(layers: pd.DataFrame, names: dict[str, str], title: str) -> go.Figure:
@@ -59,8 +60,9 @@ def alignment_figure(layers: pd.DataFrame, summary: dict) -> go.Figure:
 
 
 def attention_heatmap(received: np.ndarray, title: str = "Attention received by visual tokens") -> go.Figure:
-    """[layers, visual tokens] -> heatmap (token index across, layer down), plus the image's share per layer."""
-    figure = go.Figure(go.Heatmap(z=received, colorscale="Magma", colorbar={"title": "attention"},
+    """[layers, visual tokens] -> heatmap (token index across, layer down), on an explicit scale (see
+    `apps.palette`: a named one can lose its first colour to the theme)."""
+    figure = go.Figure(go.Heatmap(z=received, colorscale=SEQUENTIAL, colorbar={"title": "attention"},
                                   hovertemplate="layer %{y}, token %{x}: %{z:.4f}<extra></extra>"))
     figure.update_layout(title=title, xaxis_title="visual token (row-major)", yaxis_title="LLM layer",
                          height=420, margin={"l": 10, "r": 10, "t": 40, "b": 10})
@@ -78,9 +80,7 @@ def attention_share_figure(received: np.ndarray) -> go.Figure:
 
 
 def fractions_figure(fractions: dict[str, float], title: str = "Token categories") -> go.Figure:
-    from apps.overlay import CATEGORY_COLOURS
-
-    categories = [c for c in CATEGORY_ORDER if c in fractions]
+    categories = [c for c in CATEGORY_COLOURS if c in fractions]
     figure = go.Figure(go.Bar(x=categories, y=[fractions[c] for c in categories],
                               marker_color=[CATEGORY_COLOURS[c] for c in categories],
                               text=[f"{fractions[c]:.1%}" for c in categories], textposition="auto"))

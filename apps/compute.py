@@ -24,7 +24,7 @@ from PIL import Image
 from analyses.token_evidence import EvidenceLayers, evidence_from_capture, evidence_spec
 from analyses.tokens import TokenRule
 from workbench.data.image_sets import ImageItem
-from workbench.models.inputs import build_inputs
+from workbench.models.inputs import build_inputs, check_fits_context
 from workbench.models.loading import LoadedModel
 from workbench.tracing import Capture, CaptureSpec, capture
 
@@ -75,6 +75,7 @@ def explain_image(loaded: LoadedModel, rule: TokenRule, image: Image.Image, prom
     num_layers = loaded.adapter.num_llm_layers
     layers = EvidenceLayers.for_depth(num_layers)
     inputs = build_inputs(loaded.processor, [image], [prompt], device=loaded.device)
+    check_fits_context(inputs, loaded.context_length, max_new_tokens)
     base = evidence_spec(layers)
     spec = CaptureSpec(projector_input=True, embeddings=True, llm_layers="all", tokens="visual",
                        attention_layers=base.attention_layers)

@@ -148,10 +148,10 @@ def render() -> None:
         return
     st.session_state[CURRENT_IMAGE_KEY] = (picked.key, picked.image, prompt)
     try:
-        rule = state.rule_for(loaded)
+        label_rule = state.rule_for(loaded)
         with st.spinner("tracing the model and generating its answer ..."):
             key = state.model_key(loaded)
-            report = state.get_report(loaded, rule, key, picked.key, prompt, picked.image, picked.item)
+            report = state.get_report(loaded, label_rule.rule, key, picked.key, prompt, picked.image, picked.item)
     except WorkbenchError as error:
         st.error(str(error))
         return
@@ -159,6 +159,7 @@ def render() -> None:
     fractions = report.fractions()
     for column, category in zip(st.columns(3), fractions):
         column.metric(category, f"{fractions[category]:.0%}", help=f"share of the {len(report.tokens)} visual tokens")
+    st.caption(label_rule.caption)
     left, right = st.columns([3, 2])
     with left:
         colour_by = st.selectbox("Colour patches by", ["category", *NUMERIC_COLOURS], key="colour_by",

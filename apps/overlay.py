@@ -1,6 +1,8 @@
 """The image explorer's figure: the image as the model saw it, each patch coloured by its token's category
 (or by a number such as its norm), with hover text naming the token's evidence. One square marker per
-patch, centred on (col, row), so a click selects a patch and reports its row and column.
+patch, centred on (col, row), so a click selects a patch and reports its row and column. Each category is
+one trace with a see-through fill and an opaque outline (colours: `apps.palette`); a click on its legend
+entry hides or shows it.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import pandas as pd
 import plotly.graph_objects as go
 from PIL import Image
 
-CATEGORY_COLOURS = {"sink": "#e4572e", "dead": "#8d99ae", "alive": "#29bf12"}
+from apps.palette import CATEGORY_COLOURS, OUTLINE, SEQUENTIAL, translucent
+
 NUMERIC_COLOURS = {"input_norm": "input norm", "llm_norm": "LLM early-layer norm",
                    "vision_norm": "vision-feature norm", "attention_received": "attention received"}
 FIGURE_WIDTH = 560  # px; patches are drawn as markers whose size is fixed in pixels
 MARGIN = 8
+MARKER_SHARE = 0.88  # of a patch's width: the gap between outlined squares lets the photo show through
 
 
 def image_uri(image: Image.Image) -> str:
@@ -61,19 +65,20 @@ def overlay_figure(image: Image.Image, tokens: pd.DataFrame, rows: int, cols: in
     figure = go.Figure(go.Image(source=image_uri(image), x0=-0.5 + dx / 2, y0=-0.5 + dy / 2, dx=dx, dy=dy,
                                 hoverinfo="skip", name="image"))
     texts = pd.Series(hover_text(tokens), index=tokens.index)
-    marker = {"symbol": "square", "size": patch * 0.97, "opacity": opacity, "line": {"width": 0}}
+    marker = {"symbol": "square", "size": patch * MARKER_SHARE}
     if colour_by == "category":
         for category, colour in CATEGORY_COLOURS.items():
             part = tokens[tokens["category"] == category]
             figure.add_trace(go.Scatter(
                 x=part["col"], y=part["row"], mode="markers", name=f"{category} ({len(part)})",
-                marker=marker | {"color": colour}, customdata=part["token"], hovertext=texts[part.index],
-                hoverinfo="text"))
+                marker=marker | {"color": translucent(colour, opacity), "line": {"color": OUTLINE, "width": 1.5}},
+                customdata=part["token"], hovertext=texts[part.index], hoverinfo="text"))
     else:
         figure.add_trace(go.Scatter(
             x=tokens["col"], y=tokens["row"], mode="markers", name=NUMERIC_COLOURS.get(colour_by, colour_by),
-            marker=marker | {"color": tokens[colour_by], "colorscale": "Viridis", "showscale": True,
-                                 "colorbar": {"title": NUMERIC_COLOURS.get(colour_by, colour_by), "thickness": 12}},
+            marker=marker | {"color": tokens[colour_by], "colorscale": SEQUENTIAL, "opacity": opacity,
+                             "line": {"width": 0}, "showscale": True,
+                             "colorbar": {"title": NUMERIC_COLOURS.get(colour_by, colour_by), "thickness": 12}},
             customdata=tokens["token"], hovertext=texts, hoverinfo="text"))
     if selected is not None:
         row, col = divmod(int(selected), cols)

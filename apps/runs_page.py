@@ -13,9 +13,12 @@ import streamlit as st
 
 from apps import state
 from apps.charts import alignment_figure, fractions_figure, similarity_figure
-from apps.jobs import ANALYSES, analyze_command, progress_of, start_job
+from apps.jobs import ANALYSES, analyze_command, job_status, log_path, start_job
 from apps.layers_page import recommendation_table
+from apps.rule_label import rule_caption, run_rule_source
+from apps.run_root import inside_root, path_under_root, run_root
 from apps.state import RunView
+from workbench.errors import InputError
 
 JOBS_KEY = "jobs"
 
@@ -79,6 +82,7 @@ def show_run(view: RunView, key: str) -> None:
     if view.kind == "tokens" and "fractions" in summary:
         st.plotly_chart(fractions_figure(summary["fractions"], f"Token categories over {summary.get('num_images')} "
                                                                 f"images"), key=f"{key}_fractions")
+        st.caption(rule_caption(summary.get("rule", {}), run_rule_source(manifest, summary)))
         anchors = pd.DataFrame(summary.get("rule", {}).get("anchors", []))
         if len(anchors):
             st.markdown("**Anchors** (image-agnostic nearest vocabulary tokens)")
@@ -110,15 +114,28 @@ def show_run(view: RunView, key: str) -> None:
 
 @st.fragment(run_every=2)
 def jobs_panel() -> None:
-    jobs = st.session_state.get(JOBS_KEY, [])
-    for index, job in enumerate(reversed(jobs)):
-        fraction, last = progress_of(job.log_text())
-        status = "running" if job.running else ("finished" if job.returncode == 0 else f"failed ({job.returncode})")
-        st.markdown(f"`{' '.join(job.argv[3:])}`: **{status}**, {time.time() - job.started:.0f} s")
-        if fraction is not None:
-            st.progress(fraction)
-        if last:
-            st.caption(last[-300:])
+    for job in reversed(st.session_state.get(JOBS_KEY, [])):
+        status = job_status(job.returncode, job.log_text())
+        st.markdown(f"`{' '.join(job.argv[3:])}`: **{status.label}**, {time.time() - job.started:.0f} s")
+        if status.fraction is not None:
+            st.progress(status.fraction)
+        st.caption(f"log `{job.log}`" + (f": {status.last_line[-300:]}" if status.last_line else ""))
+
+
+def job_paths(root: Path, kind: str) -> tuple[Path, Path] | None:
+    """The run-name box; the run folder it names under `root` and the job's log, or None (with the one-line
+    reason shown)."""
+    stamp = st.session_state.setdefault("job_stamp", time.strftime("%m%d-%H%M"))
+    name = st.text_input("Run name", value=f"{kind}-{stamp}", key="job_name",
+                         help=f"a folder under the run root {root}; the job's log is NAME.log beside it")
+    try:
+        out = path_under_root(root, name)
+        log = inside_root(root, log_path(out))  # checked on its own: a symlink there would lead elsewhere
+    except InputError as error:
+        st.error(str(error))
+        return None
+    st.caption(f"writes `{out}`, log `{log}`")
+    return out, log
 
 
 def new_job_form() -> None:
@@ -126,20 +143,24 @@ def new_job_form() -> None:
         kind = st.selectbox("Analysis", ANALYSES, key="job_kind")
         images = st.text_input("Images", value="probe:16", key="job_images",
                                help="probe:N (validation scenes), probe:SPLIT:N, samples, or a folder")
-        stamp = st.session_state.setdefault("job_stamp", time.strftime("%m%d-%H%M"))
-        out = st.text_input("Run folder", value=str(Path(state.runs_root()) / f"{kind}-{stamp}"), key="job_out")
+        paths = job_paths(run_root(), kind)
         model = st.session_state.get(state.ACTIVE_MODEL_KEY) or "default"
-        if st.button(f"Run `wb analyze {kind}` on model {model}", key="job_start"):
-            job = start_job(analyze_command(kind, model, images, out), Path(out).with_suffix(".log"), out)
-            st.session_state.setdefault(JOBS_KEY, []).append(job)
-            del st.session_state["job_stamp"]  # the next job gets a new folder
-        if st.session_state.get(JOBS_KEY):
+        jobs = st.session_state.setdefault(JOBS_KEY, [])
+        clicked = st.button(f"Run `wb analyze {kind}` on model {model}", key="job_start", disabled=paths is None)
+        if clicked and paths is not None:  # a client can send a click on a disabled button
+            out, log = paths
+            if any(job.running and job.out == out for job in jobs):
+                st.error(f"a job is already writing {out}: wait for it to end or choose another name")
+            else:
+                jobs.append(start_job(analyze_command(kind, model, images, out), log, out))
+                del st.session_state["job_stamp"]  # the next job gets a new folder
+        if jobs:
             jobs_panel()
 
 
 def render() -> None:
     st.title("Runs")
-    st.caption(f"Run folders under `{state.runs_root()}` (change the root in the sidebar), or type a path.")
+    st.caption(f"Run folders under the run root `{state.runs_root()}` (`wb app --runs-dir` sets it), or type a path.")
     left, right = st.columns(2)
     with left:
         first = state.run_picker("Run A", key="run_a")

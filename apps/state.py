@@ -18,13 +18,14 @@ import streamlit as st
 
 from analyses.tokens import TokenRule
 from apps.compute import ImageReport, explain_image, model_fingerprint, safe_name
-from workbench.errors import InputError, WorkbenchError
+from apps.rule_label import SHIPPED_RULE, rule_caption
+from apps.run_root import run_root
+from workbench.errors import FolderInUse, InputError, WorkbenchError
 from workbench.models import loading
 from workbench.models.default_model import default_cache_dir
 
 MODEL_KEY = "model_name"  # what the sidebar asks for
 ACTIVE_MODEL_KEY = "active_model"  # the last model that loaded
-RUNS_ROOT_KEY = "runs_root"
 FAILURES_KEY = "model_failures"  # name -> the one-line reason it did not load
 TABLES_SHOWN = ("layers", "conditions", "probes")  # run tables the pages draw (tokens.parquet can be large)
 RULE_FILE = "token_rule.json"  # shipped beside the default model's trained weights
@@ -105,8 +106,20 @@ def rule_folder(loaded: loading.LoadedModel) -> Path:
     return cache_root() / "app-runs" / model_key(loaded) / "tokens"
 
 
+@dataclass(frozen=True)
+class LabelRule:
+    """The rule that labels a model's tokens, and where it came from (named on screen beside the shares)."""
+
+    rule: TokenRule
+    source: str
+
+    @property
+    def caption(self) -> str:
+        return rule_caption(self.rule.to_dict(), self.source)
+
+
 @st.cache_resource(show_spinner=False, max_entries=4)
-def get_rule(_loaded: loading.LoadedModel, key: str) -> TokenRule:
+def get_rule(_loaded: loading.LoadedModel, key: str) -> LabelRule:
     """The rule shipped with the default model, else the rule of a tokens run over the sample photos,
     made once into the cache folder (and read back from there afterwards)."""
     from analyses.tokens import analyze_tokens
@@ -118,18 +131,21 @@ def get_rule(_loaded: loading.LoadedModel, key: str) -> TokenRule:
     if _loaded.name == loading.DEFAULT_MODEL_NAME and shipped.is_file():
         import json
 
-        return TokenRule.from_dict(json.loads(shipped.read_text()))
+        return LabelRule(TokenRule.from_dict(json.loads(shipped.read_text())), SHIPPED_RULE)
     folder = rule_folder(_loaded)
     if not (folder / "manifest.json").exists() or RunStore.load(folder).status != "complete":
         try:
             analyze_tokens(_loaded, resolve_image_set("samples"), str(folder))
+        except FolderInUse:
+            raise  # another session is making this very run: wait for it, never delete it
         except InputError:  # our own cache folder, left by another version of the analysis: start over
             shutil.rmtree(folder)
             analyze_tokens(_loaded, resolve_image_set("samples"), str(folder))
-    return TokenRule.from_dict(RunStore.load(folder, kind="tokens").read_json("summary")["rule"])
+    rule = TokenRule.from_dict(RunStore.load(folder, kind="tokens").read_json("summary")["rule"])
+    return LabelRule(rule, f"a tokens run over the sample photos (cached in {folder})")
 
 
-def rule_for(loaded: loading.LoadedModel) -> TokenRule:
+def rule_for(loaded: loading.LoadedModel) -> LabelRule:
     key = model_key(loaded)
     with st.spinner("finding the token-category rule for this model (a tokens run over the sample photos, "
                     "once per model) ..."):
@@ -216,12 +232,12 @@ def find_runs(root: str | Path, max_depth: int = 3) -> list[Path]:
 
 
 def runs_root() -> str:
-    return st.session_state.get(RUNS_ROOT_KEY) or os.environ.get("WB_RUNS_DIR") or "runs"
+    return str(run_root())
 
 
 def run_picker(label: str, kinds: tuple[str, ...] | None = None, key: str = "run", allow_none: bool = False,
                start_empty: bool = False) -> RunView | None:
-    """A select box of the runs under the sidebar's run root (optionally of some kinds), newest first, or a
+    """A select box of the runs under the run root (optionally of some kinds), newest first, or a
     typed path. With `allow_none` it offers "(none)"; `start_empty` starts there instead of the newest run."""
     labels = {}
     for folder in sorted(find_runs(runs_root()), key=folder_stamp, reverse=True):
@@ -234,7 +250,7 @@ def run_picker(label: str, kinds: tuple[str, ...] | None = None, key: str = "run
     options = list(labels)
     typed = "(type a folder path)"
     if not options:
-        st.caption(f"no {' / '.join(kinds) if kinds else ''} runs under `{runs_root()}` (the sidebar's run root): "
+        st.caption(f"no {' / '.join(kinds) if kinds else ''} runs under `{runs_root()}` (the run root): "
                    f"make one with e.g. `wb analyze similarity --images probe:16 --out {runs_root()}/similarity`, "
                    f"or type a folder path")
     choices = ([None] if allow_none else []) + options + [typed]

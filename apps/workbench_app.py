@@ -1,21 +1,24 @@
 """The workbench's browser app: `wb app` (or `streamlit run apps/workbench_app.py`).
 
-The sidebar chooses the model and the folder runs are looked up in; the pages are files beside this one:
-the image explorer, layers, runs and export. Every page keeps working when a model fails to load.
+The sidebar chooses the model and names the run root (the server's setting, see `apps.run_root`); the pages
+are files beside this one: the image explorer, layers, runs and export. Every page keeps working when a
+model fails to load.
 """
 
-from __future__ import annotations
-
-import os
 from pathlib import Path
 
 import streamlit as st
 
-from apps import state
-
 HERE = Path(__file__).parent
 
 st.set_page_config(page_title="Multimodal workbench", layout="wide")
+# A cold start spends seconds importing torch and transformers and loading the model before any page can
+# draw: say so first, instead of a blank page.
+starting = st.empty()
+starting.info("Starting the workbench: loading its libraries and the model ...")
+
+from apps import state  # noqa: E402 - the slow import, after the note above
+
 pages = st.navigation([
     st.Page(HERE / "explorer.py", title="Image explorer", default=True),
     st.Page(HERE / "layers_page.py", title="Layers", url_path="layers"),
@@ -24,6 +27,7 @@ pages = st.navigation([
 ])
 st.sidebar.title("Multimodal workbench")
 state.model_sidebar()
-st.sidebar.text_input("Run root", value=os.environ.get("WB_RUNS_DIR", "runs"), key=state.RUNS_ROOT_KEY,
-                      help="folder searched for run folders (those with a manifest.json)")
+st.sidebar.caption(f"Run root `{state.runs_root()}`: runs are listed from and written under it "
+                   f"(`wb app --runs-dir` sets it)")
+starting.empty()
 pages.run()

@@ -16,8 +16,12 @@ from apps import state
 from apps.compute import explain_image, logit_lens, model_fingerprint
 from apps.explorer import picked_upload, probe_item
 from apps.export_page import config_yaml, validate
-from apps.jobs import progress_of, start_job
+from apps.charts import attention_heatmap, fractions_figure, similarity_figure
+from apps.jobs import job_status, log_path, progress_of, start_job
 from apps.overlay import overlay_figure, selected_token
+from apps.palette import CATEGORY_COLOURS, OUTLINE, SEQUENTIAL, is_theme_placeholder, translucent
+from apps.rule_label import SHIPPED_RULE
+from apps.run_root import path_under_root
 from apps.runs_page import compare_table, headline
 from apps.uploads import image_from_upload
 from efficient_models.hidrop.config import HiDropConfig
@@ -147,33 +151,114 @@ def test_export_validation_reports_each_problem_and_valid_yaml_loads_back(tmp_pa
 
 # --- wb app ----------------------------------------------------------------------------------
 
-def test_wb_app_serves_the_app_script_and_prints_its_url(run_wb, monkeypatch):
-    import subprocess
-
+def test_wb_app_serves_the_app_script_and_prints_its_url(run_wb, monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda argv, env: calls.append((argv, env)) or 0)
-    code, out, _ = run_wb("app", "--port", "8600", "--model", "some/model")
+    monkeypatch.setattr("apps.app_command.run_until_stopped", lambda argv, env: calls.append((argv, env)) or 0)
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_wb("app", "--port", "8600", "--model", "some/model", "--runs-dir", "my-runs")
     assert code == 0 and "http://localhost:8600" in out
     (argv, env), = calls
     assert argv[1:4] == ["-m", "streamlit", "run"] and Path(argv[4]) == APP
     assert argv[argv.index("--server.port") + 1] == "8600" and env["WB_APP_MODEL"] == "some/model"
+    assert env["WB_RUNS_DIR"] == str(tmp_path / "my-runs")  # absolute: the app's working directory may differ
 
 
-# --- background jobs -----------------------------------------------------------------------
+# --- colours ----------------------------------------------------------------------------------
 
-def test_progress_is_read_from_the_latest_tqdm_bar():
-    log = "loading\ntoken evidence:  25%|##   | 1/4 [00:01<00:03]\rtoken evidence:  75%|###  | 3/4 [00:03<00:01]\r"
-    assert progress_of(log) == (0.75, "token evidence:  75%|###  | 3/4 [00:03<00:01]")
-    assert progress_of("no bar yet\n") == (None, "no bar yet")
+def _tokens(categories: list[str]) -> pd.DataFrame:
+    """A 2-wide grid of visual tokens with the columns the overlay's hover text reads."""
+    count = len(categories)
+    return pd.DataFrame({
+        "token": range(count), "row": [i // 2 for i in range(count)], "col": [i % 2 for i in range(count)],
+        "category": categories, "sink_source": "", "topk_tokens": [["a"]] * count, "topk_cos": [[0.5]] * count,
+        "input_norm": 1.0, "vision_norm": 2.0, "llm_norm": 3.0, "attention_received": 0.01, "reason": "test"})
 
 
-def test_a_job_runs_in_the_background_and_its_log_shows_progress(tmp_path):
+def _strings(value) -> list[str]:
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in _strings(item)]
+    if isinstance(value, (list, tuple)):
+        return [text for item in value for text in _strings(item)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_each_category_is_one_outlined_trace_in_the_colour_of_its_legend_and_bars():
+    figure = overlay_figure(Image.new("RGB", (32, 32)), _tokens(["sink", "dead", "alive", "alive"]), 2, 2, opacity=0.4)
+    traces = figure.data[1:]
+    assert [trace.name for trace in traces] == ["sink (1)", "dead (1)", "alive (2)"]
+    for trace, colour in zip(traces, CATEGORY_COLOURS.values()):
+        assert trace.marker.color == translucent(colour, 0.4) and trace.showlegend is not False
+        assert trace.marker.line.color == OUTLINE and trace.marker.line.width >= 1  # readable on any photo
+    bars = fractions_figure({"sink": 0.25, "dead": 0.25, "alive": 0.5}).data[0]
+    assert list(bars.marker.color) == list(CATEGORY_COLOURS.values())
+
+
+def test_no_figure_uses_a_colour_the_streamlit_theme_replaces_in_the_browser():
+    layers = pd.DataFrame({"layer": range(4), "visual_self_cos": 0.9, "text_self_cos": 0.8, "vision_effect": 0.1})
+    image, tokens = Image.new("RGB", (32, 32)), _tokens(["sink", "dead", "alive", "alive"])
+    figures = [attention_heatmap(np.zeros((3, 4))), fractions_figure({"sink": 0.1, "dead": 0.2, "alive": 0.7}),
+               similarity_figure(layers, {"recommendation": {"injection_layer": 1, "exit_layer": 3}}),
+               overlay_figure(image, tokens, 2, 2), overlay_figure(image, tokens, 2, 2, colour_by="input_norm")]
+    # The theme's own template holds the placeholders by design: look at the data and the rest of the layout.
+    colours = _strings([[figure.to_plotly_json()["data"], figure.layout.to_plotly_json() | {"template": None}]
+                        for figure in figures])
+    assert "#440154" in colours  # the scale is spelt out, so its colours are in the figure
+    assert not [colour for colour in colours if is_theme_placeholder(colour)]
+
+
+# --- writing under the run root: names, job logs, job progress ---------------------------------
+
+@pytest.mark.parametrize("name", ["../../etc", "/etc/x", "a/../../b", "a/..", "..", ".", "", "  ", "~/x", "x\0y"])
+def test_a_name_that_leaves_the_run_root_is_refused_in_one_line(tmp_path, name):
+    with pytest.raises(InputError) as error:
+        path_under_root(tmp_path / "root", name)
+    assert "\n" not in str(error.value)
+
+
+def test_a_name_under_the_run_root_is_a_path_inside_it(tmp_path):
+    root = tmp_path / "root"
+    assert path_under_root(root, "tokens-1") == root / "tokens-1"
+    assert path_under_root(root, " configs/hidrop.yaml ") == root / "configs" / "hidrop.yaml"
+    (tmp_path / "outside").mkdir()
+    root.mkdir()
+    (root / "link").symlink_to(tmp_path / "outside")  # inside by name, outside once resolved
+    (root / "run.log").symlink_to(tmp_path / "outside" / "victim.log")
+    for name in ("link/run", "run.log"):
+        with pytest.raises(InputError, match="not to something inside the run root"):
+            path_under_root(root, name)
+
+
+def test_progress_is_read_from_the_analysis_bar_not_the_weight_loading_bar():
+    log = ("Loading weights: 100%|##########| 398/398 [00:00<00:00]\n"
+           "token evidence:  25%|##   | 1/4 [00:01<00:03]\rtoken evidence:  75%|###  | 3/4 [00:03<00:01]\r")
+    assert progress_of(log) == (0.75, "token evidence", "token evidence:  75%|###  | 3/4 [00:03<00:01]")
+    assert progress_of("Loading weights: 100%|##########| 398/398 [00:00<00:00]\n")[0] is None
+    assert progress_of("no bar yet\n") == (None, "", "no bar yet")
+
+
+def test_a_job_card_shows_its_own_progress_and_a_failed_job_no_bar():
+    loaded = "Loading weights: 100%|##########| 398/398 [00:00<00:00]\n"
+    running = job_status(None, loaded)
+    assert running.fraction is None and running.label.startswith("starting")
+    assert job_status(None, loaded + "layer similarity:  50%|#  | 2/4\r").fraction == 0.5
+    failed = job_status(2, loaded + "error: no images in folder x\n")
+    assert failed.fraction is None and failed.label == "failed (exit 2)"
+    assert failed.last_line == "error: no images in folder x"
+    assert job_status(0, loaded).fraction == 1.0
+
+
+def test_a_job_appends_to_its_log_and_reads_only_its_own_part(tmp_path):
     import sys
 
+    out = tmp_path / "similarity.v2"
+    log = log_path(out)
+    assert log == tmp_path / "similarity.v2.log"  # not with_suffix, which would write similarity.log
+    log.write_text("earlier run: layer similarity: 100%|##| 4/4\n")
     code = "import sys; sys.stderr.write('work:  50%|#  | 1/2\\r'); sys.stderr.flush()"
-    job = start_job([sys.executable, "-c", code], tmp_path / "job.log", str(tmp_path / "out"))
+    job = start_job([sys.executable, "-c", code], log, out)
     assert job.process.wait(timeout=60) == 0 and not job.running
-    assert progress_of(job.log_text())[0] == 0.5
+    assert log.read_text().startswith("earlier run:")  # never truncated
+    assert progress_of(job.log_text())[0] == 0.5  # not the earlier run's 100%
 
 
 # --- computations on the default model -------------------------------------------------------
@@ -193,17 +278,19 @@ def rule(default_model, tmp_path_factory):
         patch.setattr(image_sets, "resolve_image_set", lambda source: real("probe:val:2"))
         made = state.get_rule(default_model, "test-fallback")
         folder = state.rule_folder(default_model)
-    assert isinstance(made, TokenRule)
-    assert json.loads((folder / "summary.json").read_text())["rule"] == made.to_dict()
+    assert isinstance(made.rule, TokenRule) and made.source.startswith("a tokens run over the sample photos")
+    assert json.loads((folder / "summary.json").read_text())["rule"] == made.rule.to_dict()
     assert folder.is_relative_to(cache) and state.model_key(default_model) in str(folder)
-    return made
+    return made.rule
 
 
 def test_a_shipped_rule_file_is_used_for_the_default_model(default_model, rule, tmp_path, monkeypatch):
     shipped = dict(rule.to_dict(), z_threshold=9.5)
     (tmp_path / state.RULE_FILE).write_text(json.dumps(shipped))
     monkeypatch.setattr("workbench.models.default_model.DEFAULT_WEIGHTS_DIR", tmp_path)
-    assert state.get_rule(default_model, "test-shipped").z_threshold == 9.5
+    shipped_rule = state.get_rule(default_model, "test-shipped")
+    assert shipped_rule.rule.z_threshold == 9.5 and shipped_rule.source == SHIPPED_RULE
+    assert shipped_rule.caption.startswith(f"labels by {SHIPPED_RULE} ({rule.kind}, {len(rule.anchors)} anchor")
 
 
 def test_explain_image_categorises_every_patch_and_reads_the_logit_lens(default_model, rule):
@@ -248,7 +335,7 @@ def app(default_model, rule, runs, monkeypatch):
 
     real = loading.load_model
     monkeypatch.setattr(loading, "load_model", lambda name, **kw: default_model if name == "default" else real(name, **kw))
-    monkeypatch.setattr(state, "get_rule", lambda loaded, key: rule)
+    monkeypatch.setattr(state, "get_rule", lambda loaded, key: state.LabelRule(rule, "the test rule"))
     monkeypatch.setenv("WB_RUNS_DIR", str(runs["tokens"].parent))
     return AppTest.from_file(str(APP), default_timeout=TIMEOUT)
 
@@ -280,11 +367,12 @@ def _plotly_specs(at) -> list[dict]:
     return [_decode(json.loads(element.proto.spec)) for element in at.get("plotly_chart")]
 
 
-def test_explorer_shows_the_answer_the_overlay_and_the_selected_token(app):
+def test_explorer_shows_the_answer_the_overlay_and_the_selected_token(app, rule):
     at = app.run()
     assert not at.exception and not at.error
     assert any(text.startswith("**Answer:**") for text in (m.value for m in at.markdown))
     assert [metric.label for metric in at.metric] == ["sink", "dead", "alive"]
+    assert f"labels by the test rule ({rule.kind}, " in _texts(at)  # which rule made the shares
     overlay = _plotly_specs(at)[0]
     assert overlay["data"][0]["type"] == "image" and sum(len(t.get("x", [])) for t in overlay["data"][1:]) == 256
     # Selecting a patch (what a click does) changes the details and the frame.
@@ -366,6 +454,7 @@ def test_layers_page_draws_the_curves_with_the_recommended_layers_and_attention(
     assert list(recommendation["layer"][:2]) == ["4", "14"]
     received = np.array(heatmap["data"][0]["z"])
     assert heatmap["data"][0]["type"] == "heatmap" and received.shape == (LAYERS, 256)
+    assert heatmap["data"][0]["colorscale"] == SEQUENTIAL  # explicit: the theme cannot swap its colours
     assert np.allclose(share["data"][0]["y"], received.sum(1), atol=1e-4) and (received >= 0).all()
     at.selectbox(key="layers_similarity").select_index(0)  # "(none)"
     at.selectbox(key="layers_alignment").select_index(0).run()
@@ -384,8 +473,43 @@ def test_runs_page_shows_each_kind_and_compares_two_runs(app, runs):
     comparison = _frame_with(at, "measure").set_index("measure")
     assert comparison.loc["fraction dead", "B - A"] == pytest.approx(0.21)
     assert len(at.get("plotly_chart")) == 2  # one fractions chart per run
+    assert "labels by this run's own rule, made on its 4 images of `probe:4` (embedlens, 1 anchor)" in _texts(at)
     at.selectbox(key="run_a").set_value(str(runs["probe"])).run()
     assert not at.exception and "VQA accuracy" in _texts(at)
+
+
+@pytest.mark.parametrize("name", ["../../etc", "/etc/x", "a/../../b"])
+def test_the_job_launcher_refuses_a_name_outside_the_run_root(app, tmp_path, monkeypatch, name):
+    root = tmp_path / "deep" / "root"
+    root.mkdir(parents=True)
+    monkeypatch.setenv("WB_RUNS_DIR", str(root))
+    at = app.run()
+    at.switch_page("runs_page.py").run()
+    at.text_input(key="job_name").set_value(name).run()
+    assert not at.exception and len(at.error) == 1 and "\n" not in at.error[0].value
+    assert at.button(key="job_start").disabled and not at.session_state["jobs"]
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["deep", "root"]  # nothing made, in or out
+
+
+def test_the_job_launcher_writes_under_the_run_root_and_appends_to_the_log(app, tmp_path, monkeypatch):
+    import sys
+
+    root = tmp_path / "root"
+    monkeypatch.setenv("WB_RUNS_DIR", str(root))
+    monkeypatch.setattr("apps.jobs.analyze_command", lambda kind, model, images, out: [
+        sys.executable, "-c", f"print('analysis {kind} into {out}')"])
+    (root / "mine").mkdir(parents=True)
+    (root / "mine" / "tokens-a.log").write_text("the first attempt\n")
+    at = app.run()
+    at.switch_page("runs_page.py").run()
+    at.text_input(key="job_name").set_value("mine/tokens-a").run()
+    assert not at.error and f"writes `{root / 'mine' / 'tokens-a'}`" in _texts(at)
+    at.button(key="job_start").click().run()
+    (job,) = at.session_state["jobs"]
+    assert job.process.wait(timeout=60) == 0 and job.log == root / "mine" / "tokens-a.log"
+    assert job.log.read_text() == f"the first attempt\nanalysis tokens into {root / 'mine' / 'tokens-a'}\n"
+    at.run()
+    assert "**finished**" in _texts(at)
 
 
 def test_runs_page_refuses_a_folder_that_is_not_a_run(app, tmp_path):
@@ -412,10 +536,41 @@ def test_export_page_prefills_validates_estimates_and_saves(app, runs, tmp_path)
     at.number_input(key=key).set_value(20).run()
     assert not at.error and "exit_layer: 20" in at.code[0].value
     assert float(at.metric[1].value.rstrip("%")) < saving  # later exit, more tokens, smaller saving
-    target = tmp_path / "out" / "hidrop.yaml"
-    at.text_input(key="save_path").set_value(str(target))
+    # Saved under the run root; an existing file is replaced only once "overwrite" is ticked.
+    target = runs["tokens"].parent / "configs" / "hidrop-saved.yaml"
+    at.text_input(key="save_path").set_value("configs/hidrop-saved.yaml")
     at.button(key="save").click().run()
     assert not at.error and load_config(target).exit_layer == 20
+    at.number_input(key=key).set_value(21).run()
+    at.button(key="save").click().run()
+    assert at.error[0].value == f"{target} exists: tick 'overwrite' to replace it"
+    assert load_config(target).exit_layer == 20
+    next(box for box in at.checkbox if box.label.startswith("overwrite")).check().run()
+    at.button(key="save").click().run()
+    assert not at.error and load_config(target).exit_layer == 21
+    at.run()
+    assert not next(box for box in at.checkbox if box.label.startswith("overwrite")).value  # asks again
+    # A name that leaves the run root is refused in one line, and nothing is written.
+    for name, outside in (("../escaped.yaml", runs["tokens"].parent.parent / "escaped.yaml"),
+                          (str(tmp_path / "absolute.yaml"), tmp_path / "absolute.yaml")):
+        at.text_input(key="save_path").set_value(name).run()
+        assert len(at.error) == 1 and "run root" in at.error[0].value and "\n" not in at.error[0].value
+        assert not outside.exists()
     # A method the run cannot give says which run it needs.
     at.selectbox(key="export_method").set_value("prune").run()
     assert "no token categories" in at.error[0].value
+
+
+def test_the_apps_rule_cache_never_deletes_a_folder_another_session_is_writing(tmp_path, monkeypatch):
+    """A lock refusal is a `FolderInUse`, which the rule cache passes on instead of starting the folder over."""
+    from apps import state
+    from workbench.errors import FolderInUse
+    from workbench.files import RunFolderLock
+
+    folder = tmp_path / "rule-run"
+    folder.mkdir()
+    monkeypatch.setattr(state, "rule_folder", lambda loaded: folder)
+    loaded = type("Loaded", (), {"name": "not-the-default"})()
+    with RunFolderLock(folder), pytest.raises(FolderInUse):
+        state.get_rule.__wrapped__(loaded, "key")
+    assert folder.is_dir()

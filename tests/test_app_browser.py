@@ -1,7 +1,8 @@
 """The app in a real browser: `streamlit run` in a subprocess, driven by Selenium in headless Chromium
-(Debian's `chromium` + `chromium-driver`; browsers cannot be downloaded here). Loads the default sample,
-waits for the overlay, clicks a patch, checks its details appear, and saves screenshots in the test's
-output folder."""
+(Debian's `chromium` + `chromium-driver`; browsers cannot be downloaded here). Opens the app cold (a note says
+it is loading before anything else shows), waits for the overlay, checks its markers against its legend and
+the palette, clicks a patch, checks its details appear, hides a category from the legend, and saves
+screenshots in the test's output folder."""
 
 import os
 import re
@@ -14,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from apps.palette import CATEGORY_COLOURS, OUTLINE
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -87,6 +90,33 @@ def browser():
         driver.quit()
 
 
+def _first_seen(browser, texts: dict[str, str], until: str, timeout: float) -> dict[str, float]:
+    """Seconds until each of `texts` first shows in the page, polled until `texts[until]` shows."""
+    from selenium.webdriver.common.by import By
+
+    started, seen = time.time(), {}
+    while until not in seen:
+        assert time.time() - started < timeout, f"{texts[until]!r} did not show within {timeout} s"
+        body = browser.find_element(By.TAG_NAME, "body").text
+        seen |= {name: time.time() - started for name, text in texts.items() if name not in seen and text in body}
+        time.sleep(0.1)
+    return seen
+
+
+_MARKER_STYLES = """
+const figure = document.querySelectorAll('.js-plotly-plot')[0];
+const style = element => { const s = getComputedStyle(element); return [s.fill, s.fillOpacity, s.stroke]; };
+return {traces: [...figure.querySelectorAll('.scatterlayer .trace')].map(
+            trace => [...trace.querySelectorAll('.point')].map(style)),
+        legend: [...figure.querySelectorAll('.legend .traces')].map(
+            entry => [entry.textContent, style(entry.querySelector('.legendpoints path'))])};
+"""
+
+
+def _rgb(colour: str) -> str:
+    return "rgb({}, {}, {})".format(*(int(colour[i:i + 2], 16) for i in (1, 3, 5)))
+
+
 def test_load_a_sample_click_a_patch_and_see_its_details(browser, server, tmp_path):  # no server without a browser
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.action_chains import ActionChains
@@ -96,17 +126,27 @@ def test_load_a_sample_click_a_patch_and_see_its_details(browser, server, tmp_pa
 
     started = time.time()
     browser.get(server)
-    WebDriverWait(browser, OVERLAY_TIMEOUT).until(ec.presence_of_element_located(
+    seen = _first_seen(browser, {"loading note": "loading", "navigation": "Layers", "answer": "Answer:"},
+                       until="answer", timeout=OVERLAY_TIMEOUT)
+    assert seen.get("loading note", float("inf")) <= seen["navigation"], f"a cold start says it is loading: {seen}"
+    WebDriverWait(browser, 60).until(ec.presence_of_element_located(
         (By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .trace .point")))
     first_overlay_s = time.time() - started
-    WebDriverWait(browser, 60).until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Answer:"))
     time.sleep(1)  # let plotly finish wiring its event handlers
     body = browser.find_element(By.TAG_NAME, "body").text
     assert "sink" in body and "dead" in body and "alive" in body
+    assert "labels by the shipped probe-scene rule" in body
     browser.save_screenshot(str(tmp_path / "overlay.png"))
     figure = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[0]  # the overlay comes first on the page
     points = figure.find_elements(By.CSS_SELECTOR, ".scatterlayer .trace .point")
     assert len(points) == 256, f"one marker per patch, got {len(points)}"
+
+    # Markers as drawn (after the theme had its say) match their legend entry and the palette, outline included.
+    styles = browser.execute_script(_MARKER_STYLES)
+    assert [name.split(" ")[0] for name, _ in styles["legend"]] == list(CATEGORY_COLOURS)
+    for (name, legend_style), trace, colour in zip(styles["legend"], styles["traces"], CATEGORY_COLOURS.values()):
+        assert legend_style == [_rgb(colour), "0.45", _rgb(OUTLINE)], f"legend {name}: {legend_style}"
+        assert all(style == legend_style for style in trace), f"markers of {name} differ from their legend"
 
     # Click the patch at row 3, column 5: the plot area is the drag layer over the 16x16 grid. Pointer
     # actions do not scroll, so bring the figure into view first; one more click if the first came too early.
@@ -140,3 +180,13 @@ def test_load_a_sample_click_a_patch_and_see_its_details(browser, server, tmp_pa
         "const shape = document.querySelectorAll('.js-plotly-plot')[0]._fullLayout.shapes[0];"
         "return [shape.x0, shape.y0];")
     assert frame == [col - 0.5, row - 0.5], "the overlay frames the clicked patch"
+
+    # A click on a category's legend entry hides its markers (the per-category toggle).
+    figure = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[0]
+    counts = [len(trace) for trace in browser.execute_script(_MARKER_STYLES)["traces"]]
+    biggest = counts.index(max(counts))
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", figure)
+    entry = figure.find_elements(By.CSS_SELECTOR, ".legend .traces .legendtoggle")[biggest]
+    ActionChains(browser).move_to_element(entry).pause(0.3).click().perform()
+    WebDriverWait(browser, 10).until(lambda _: sum(
+        len(trace) for trace in browser.execute_script(_MARKER_STYLES)["traces"]) == 256 - counts[biggest])

@@ -169,3 +169,15 @@ def test_a_16_bit_png_reaches_the_model_scaled(tmp_path):
 
     Image.fromarray(np.full((32, 32), 16384, dtype=np.uint16)).save(tmp_path / "dark16.png")
     assert np.asarray(load_image(tmp_path / "dark16.png")).mean() == pytest.approx(64, abs=1)
+
+
+def test_the_app_refuses_a_prompt_longer_than_the_context(default_model, monkeypatch):
+    from analyses.tokens import TokenRule
+    from apps.compute import explain_image
+    from workbench.data.image_sets import ImageItem
+    from workbench.errors import InputError
+
+    monkeypatch.setattr("apps.compute.capture", lambda *a, **k: pytest.fail("the forward pass ran"))
+    image = Image.new("RGB", (64, 64))
+    with pytest.raises(InputError, match="the model's context is 8,192 tokens"):
+        explain_image(default_model, TokenRule("embedlens", 3, []), image, LONG_PROMPT, ImageItem("x", lambda: image))

@@ -129,13 +129,31 @@ def test_the_training_step_is_the_models_own_answer_loss(loaded, variants):
     prompt = [1, 2] + image_tokens_llava() + [3, 4, 5]
     training, labels = supervised_batch([prompt, prompt])
     with timing.trainable(loaded):
-        loss = timing.training_step(variants[0], training, labels)
+        loss = timing.training_step(variants[0], training, labels, precision="fp32")
     with torch.no_grad():
         logits = loaded.model(**training).logits
     supervised = labels[:, 1:] != IGNORE_INDEX
     assert float(loss) == pytest.approx(float(F.cross_entropy(logits[:, :-1][supervised], labels[:, 1:][supervised])),
                                         rel=1e-5)
     assert all(parameter.grad is None for parameter in loaded.model.parameters())
+
+
+@pytest.mark.parametrize("native_bf16, autocast", [(True, True), (False, False)])
+def test_the_training_step_runs_in_bf16_autocast_only_where_the_device_has_native_bf16(
+        loaded, variants, monkeypatch, native_bf16, autocast):
+    monkeypatch.setattr("workbench.training.precision.computes_bf16_natively", lambda device: native_bf16)
+    dense = variants[0]
+    seen = []
+
+    def training_loss(inputs, labels):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return type(dense).training_loss(dense, inputs, labels)
+
+    monkeypatch.setattr(dense, "training_loss", training_loss)
+    training, labels = supervised_batch([[1, 2] + image_tokens_llava() + [3, 4, 5]])
+    with timing.trainable(loaded):
+        timing.training_step(dense, training, labels)  # precision "auto"
+    assert seen == [autocast]
 
 
 def test_trainable_freezes_only_the_vision_tower_and_restores_the_flags(loaded):

@@ -8,6 +8,8 @@ and takes milliseconds per step.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -27,9 +29,12 @@ from workbench.default_recipe.install import install_run
 from workbench.default_recipe.recipe import RecipeConfig, RecipeError, load_recipe, parse_recipe
 from workbench.default_recipe.train import STEP_SEED_STREAM, supervised_logits, train_default_model
 from workbench.errors import WorkbenchError
+from workbench.files import LOCK_FILE
+from workbench.models.loading import default_device
 from workbench.training import loop
 from workbench.training.batches import collate
 from workbench.training.features import projector_inputs
+from workbench.training.precision import resolve_precision
 from workbench.training.sequences import (
     IGNORE_INDEX,
     Conversation,
@@ -208,7 +213,9 @@ def test_padded_batch_gives_the_same_logits_as_single_rows(processor, scene):
     torch.testing.assert_close(together, torch.cat(apart), atol=1e-5, rtol=1e-5)
 
 
-def test_training_reduces_the_loss_in_both_stages(tmp_path, tiny_loader):
+def test_training_reduces_the_loss_in_both_stages(tmp_path, monkeypatch, tiny_loader):
+    # As on a CPU without native bf16, where `auto` (the shipped recipe's precision) is fp32.
+    monkeypatch.setattr("workbench.training.precision.computes_bf16_natively", lambda device: False)
     # One scene, one conversation per step: every step sees the same answers, so the loss must fall.
     config = tiny_recipe()
     config = config.model_copy(update={
@@ -222,6 +229,26 @@ def test_training_reduces_the_loss_in_both_stages(tmp_path, tiny_loader):
         assert metrics["stages"][stage]["loss_last_tenth"] < metrics["stages"][stage]["loss_first_tenth"] - 0.02
     assert metrics["stages"]["stage2"]["answers"] > metrics["stages"]["stage2"]["conversations"]
     assert {"cpu", "cpu_cores", "gpu"} <= set(metrics["hardware"])
+    assert metrics["precision"] == {"requested": "auto", "resolved": "fp32"}
+
+
+def test_a_run_records_the_requested_and_the_resolved_precision(finished_run, tmp_path, tiny_loader):
+    # `finished_run` trained with the shipped `auto`, resolved on this machine.
+    resolved = resolve_precision("auto", torch.device(default_device()))
+    assert json.loads((finished_run / "metrics.json").read_text())["precision"] == {"requested": "auto",
+                                                                                  "resolved": resolved}
+    forced = tiny_recipe().model_copy(update={"precision": "fp32"})
+    forced = forced.model_copy(update={"stage1": forced.stage1.model_copy(update={"steps": 1}),
+                                       "stage2": forced.stage2.model_copy(update={"steps": 1})})
+    metrics = train_default_model(forced, tmp_path, base_model_loader=tiny_loader).metrics
+    assert metrics["precision"] == {"requested": "fp32", "resolved": "fp32"}
+
+
+def test_a_second_process_on_the_run_folder_is_refused(tmp_path, tiny_loader):
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "since": "then"}))
+    with pytest.raises(WorkbenchError, match=f"in use by process {os.getppid()} .* since then"):
+        train_default_model(tiny_recipe(), tmp_path, base_model_loader=tiny_loader)
+    assert not (tmp_path / "recipe.yaml").exists()  # refused before touching the folder
 
 
 @pytest.mark.slow

@@ -1,6 +1,12 @@
-"""The shared training loop: resume gives the same weights, checkpoints are safetensors, configs must match."""
+"""The shared training loop: resume gives the same weights, checkpoints are safetensors, configs must match,
+one writer per run folder, and the forward pass in the resolved precision."""
 
 from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
 
 import pytest
 import torch
@@ -14,6 +20,7 @@ from workbench.training.loop import MicroBatch, open_run, train
 from workbench.training.optimisation import Optimisation
 from tests.tiny_models import image_tokens_llava, llava_batch, tiny_llava
 from workbench.errors import InputError
+from workbench.files import LOCK_FILE
 from workbench.models.adapter import adapter_for
 from workbench.training.sequences import IGNORE_INDEX
 
@@ -41,9 +48,9 @@ def plan():
              for _ in range(2)] for _ in range(SETTINGS.steps)]
 
 
-def run(module: Regression, folder, saved=None, resume=True):
-    open_run(folder, saved or {"config.yaml": "a: 1\n"}, resume)
-    return train(module, dict(module.named_parameters()), plan(), SETTINGS, folder, seed_entropy=(5,))
+def run(module: Regression, folder, saved=None, resume=True, settings=SETTINGS):
+    with open_run(folder, saved or {"config.yaml": "a: 1\n"}, resume):
+        return train(module, dict(module.named_parameters()), plan(), settings, folder, seed_entropy=(5,))
 
 
 def test_a_resumed_run_ends_with_the_same_weights(tmp_path):
@@ -69,6 +76,41 @@ def test_a_run_of_another_config_is_not_resumed(tmp_path):
     assert run(Regression(), tmp_path, saved={"config.yaml": "a: 2\n"}, resume=False).resumed_at == 0
 
 
+def test_a_run_folder_has_one_writer_and_the_lock_goes_with_the_run(tmp_path):
+    with open_run(tmp_path, {"config.yaml": "a: 1\n"}, resume=True):
+        assert (tmp_path / LOCK_FILE).is_file()
+        with pytest.raises(InputError, match=f"in use by process {os.getpid()} on .* since .*: wait for it"):
+            run(Regression(), tmp_path)
+    assert not (tmp_path / LOCK_FILE).exists()
+    with pytest.raises(KeyboardInterrupt):
+        run(Regression(fail_at_call=3), tmp_path)
+    assert not (tmp_path / LOCK_FILE).exists()  # released on error too
+    assert run(Regression(), tmp_path).resumed_at == 0 and not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "since": "then"}))
+    assert run(Regression(), tmp_path).finished
+    assert f"locked by process {gone.pid} (since then), which is gone" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("requested, native_bf16, autocast",
+                         [("auto", True, True), ("auto", False, False), ("bf16", False, True), ("fp32", True, False)])
+def test_the_forward_runs_in_the_resolved_precision(tmp_path, monkeypatch, requested, native_bf16, autocast):
+    monkeypatch.setattr("workbench.training.precision.computes_bf16_natively", lambda device: native_bf16)
+    seen = []
+
+    class Recording(Regression):
+        def forward(self, x, y):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return super().forward(x, y)
+
+    run(Recording(), tmp_path, settings=SETTINGS.model_copy(update={"precision": requested}))
+    assert seen and set(seen) == {autocast}
+
+
 def test_answer_queries_mark_the_token_before_each_answer():
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6, IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX]])
     assert answer_queries(labels)[0].nonzero().flatten().tolist() == [1, 5]
@@ -91,5 +133,6 @@ def test_scheduled_loss_trains_through_a_pruning_schedule(tmp_path):
     adapter.projector.requires_grad_(True)
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     settings = SETTINGS.model_copy(update={"steps": 8, "learning_rate": 0.01})
-    losses = train(module, parameters, [[micro]] * 8, settings, tmp_path).losses
+    with open_run(tmp_path, {}, resume=False):
+        losses = train(module, parameters, [[micro]] * 8, settings, tmp_path).losses
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

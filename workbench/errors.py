@@ -11,3 +11,7 @@ class ModelLoadError(WorkbenchError):
 
 class InputError(WorkbenchError):
     """An image, prompt or other input the user gave cannot be used."""
+
+
+class FolderInUse(InputError):
+    """A run folder another process is writing (its writer lock is held): never to be deleted or reused."""

@@ -13,7 +13,13 @@ Every file is written to a temporary name in the same folder and renamed into pl
 killed at any moment leaves either the old file or the new one, never half of one. A run
 started again with the same command finds its finished batches in `parts/` and skips them;
 because batches are fixed by the config, the result equals that of an uninterrupted run. A
-folder written for another model, data source, config or schema version is refused.
+folder written for another model, data source, config or schema version is refused. A folder an
+interrupted start left without its manifest (only an empty `parts/` or temporary files) is started
+afresh; one that holds parts but no manifest is refused, since nothing says what run they belong to.
+
+A run being written holds the folder's writer lock (`workbench.files.RunFolderLock`) from `RunStore.open`
+until `finish` (or until the store is closed or dropped), so a second process on the same folder is
+refused instead of computing every batch again. Reading a run (`RunStore.load`) takes no lock.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import weakref
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -31,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from workbench.errors import InputError
-from workbench.files import write_atomically, write_json_atomically
+from workbench.files import LOCK_FILE, RunFolderLock, write_atomically, write_json_atomically
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -58,30 +65,81 @@ def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     write_atomically(path, lambda target: save_file(contiguous, str(target)))
 
 
+def _is_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def _left_by_an_interrupted_start(folder: Path) -> bool:
+    """True when `folder` holds nothing but what a start cut short before its manifest leaves: an empty
+    `parts/` (made before the manifest by earlier versions), temporary files, the lock."""
+    for entry in folder.iterdir():
+        if entry.name == PARTS and entry.is_dir():
+            if not all(_is_temporary(part) for part in entry.iterdir()):
+                return False
+        elif not (entry.name == LOCK_FILE or _is_temporary(entry)):
+            return False
+    return True
 
 
 class RunStore:
-    """A run folder. Open it with `RunStore.open`; write results with the `write_*` methods."""
+    """A run folder. Open it with `RunStore.open`; write results with the `write_*` methods.
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]):
+    A store from `open` holds the folder's writer lock until `finish` or `close`; as a context manager it
+    closes on the way out. A store that is dropped releases its lock too (e.g. after an error).
+    """
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], lock: RunFolderLock | None = None):
         self.folder = folder
         self.manifest = manifest
+        self._lock = lock
+        if lock is not None:
+            weakref.finalize(self, lock.release)
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the writer lock (results written so far stay; the same command resumes from them)."""
+        if self._lock is not None:
+            self._lock.release()
 
     # --- opening ------------------------------------------------------------------
 
     @classmethod
     def open(cls, folder: str | Path, *, kind: str, model: str, data: str, config: Mapping[str, Any]) -> RunStore:
-        """Start a run in `folder`, or resume the one there if it was started by the same command."""
+        """Start a run in `folder`, or resume the one there if it was started by the same command; the
+        store holds the folder's writer lock (a second writer gets a one-line `InputError`)."""
         folder = Path(folder)
         identity = {"kind": kind, "model": model, "data": data, "config": dict(config)}
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = RunFolderLock(folder)
+        lock.acquire()
+        try:
+            manifest = cls._resumed_or_new_manifest(folder, identity)
+            # After the manifest, so that a folder with parts always says which run they belong to.
+            (folder / PARTS).mkdir(exist_ok=True)
+            return cls(folder, manifest, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _resumed_or_new_manifest(cls, folder: Path, identity: dict[str, Any]) -> dict[str, Any]:
         path = folder / MANIFEST
         if path.exists():
             manifest = cls._read_manifest(path)
             cls._check_same_run(folder, manifest, identity)
-            return cls(folder, manifest)
-        if folder.exists() and any(folder.iterdir()):
+            return manifest
+        if not _left_by_an_interrupted_start(folder):
+            if (folder / PARTS).is_dir():
+                raise InputError(f"{folder} holds {PARTS}/ but no {MANIFEST}, so nothing says which run they belong "
+                                 f"to; delete {folder} to start over, or choose a new folder for the run")
             raise InputError(f"{folder} is not empty and has no {MANIFEST}; choose a new folder for the run")
-        (folder / PARTS).mkdir(parents=True, exist_ok=True)
+        for leftover in [*folder.glob(".*.tmp"), *folder.glob(f"{PARTS}/.*.tmp")]:
+            leftover.unlink()
         manifest = identity | {
             "schema_version": SCHEMA_VERSION,
             "status": "running",
@@ -89,9 +147,8 @@ class RunStore:
             "versions": package_versions(),
             "skipped_images": {},
         }
-        store = cls(folder, manifest)
-        store.save_manifest()
-        return store
+        write_json_atomically(path, manifest)
+        return manifest
 
     @classmethod
     def load(cls, folder: str | Path, kind: str | None = None) -> RunStore:
@@ -145,8 +202,10 @@ class RunStore:
             self.save_manifest()
 
     def finish(self, **extra: Any) -> None:
+        """Mark the run complete and release the writer lock."""
         self.manifest.update(extra, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.save_manifest()
+        self.close()
 
     # --- final results --------------------------------------------------------------
 

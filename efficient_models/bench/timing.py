@@ -1,7 +1,8 @@
 """Timing and memory of one variant, through the `BenchVariant` interface only.
 
 Timed runs interleave the variants within each repeat (dense, a, b, dense, a, b, ...) so that drift in
-machine speed hits all of them alike.
+machine speed hits all of them alike. The training step computes in the precision training would
+(`workbench.training.precision`: by default bf16 autocast where the device has native bf16, else fp32).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from efficient_models.variant import BenchVariant
 from workbench.models.loading import LoadedModel
+from workbench.training.precision import Precision, autocast, resolve_precision
 
 CUDA_PEAK = "cuda_peak_allocated_during_prefill"  # max_memory_allocated above what was allocated before
 KV_CACHE = "kv_cache_bytes_after_prefill"
@@ -59,17 +61,22 @@ def decode_tokens_per_second(variant: BenchVariant, inputs: Mapping[str, torch.T
     return len(prefilled.token) * steps / seconds
 
 
-def training_step(variant: BenchVariant, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Forward and backward of the answer tokens' cross entropy (no optimizer step); returns the loss."""
-    loss = variant.training_loss(inputs, labels)
+def training_step(variant: BenchVariant, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                  precision: Precision = "auto") -> torch.Tensor:
+    """Forward (in `precision`, as the training loop runs it) and backward of the answer tokens' cross entropy
+    (no optimizer step); returns the loss."""
+    device = variant.loaded.device
+    with autocast(resolve_precision(precision, device), device):
+        loss = variant.training_loss(inputs, labels)
     loss.backward()
     variant.loaded.model.zero_grad(set_to_none=True)  # gradients would only pile up: nothing steps on them
     return loss.detach()
 
 
-def training_step_seconds(variant: BenchVariant, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> float:
+def training_step_seconds(variant: BenchVariant, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                          precision: Precision = "auto") -> float:
     with trainable(variant.loaded):
-        return timed(variant.loaded.device, lambda: training_step(variant, inputs, labels))
+        return timed(variant.loaded.device, lambda: training_step(variant, inputs, labels, precision))
 
 
 def prefill_memory(variant: BenchVariant, inputs: Mapping[str, torch.Tensor]) -> tuple[int, str]:

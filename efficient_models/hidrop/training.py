@@ -32,14 +32,15 @@ from efficient_models.token_schedule.schedule import TokenSchedule
 from workbench.configs import yaml_text
 from workbench.errors import InputError
 from workbench.files import write_json_atomically
-from workbench.models.loading import load_model
+from workbench.models.loading import default_device, load_model
 from workbench.training.batches import micro_batches, plan_steps
 from workbench.training.features import embeddings_from_features, prepare_features
 from workbench.training.lora import LoraSettings, add_lora, trainable_parameters
 from workbench.training.loop import TrainingRecord, TrainingResult, open_run, train
 from workbench.training.metrics import hardware, loss_summary, versions
-from workbench.training.sequences import qa_conversations, tokenise_conversation
 from workbench.training.optimisation import Optimisation
+from workbench.training.precision import ResolvedPrecision, resolve_precision
+from workbench.training.sequences import qa_conversations, tokenise_conversation
 
 DEFAULT_RECIPE = Path(__file__).with_name("recipe.yaml")
 PROJECTOR_PREFIX = "multi_modal_projector."  # the key format `apply_trained_weights` expects
@@ -110,9 +111,11 @@ def step_plan(recipe: FinetuneRecipe, scenes, image_tokens: int, processor: Any,
     return [micro_batches(step, recipe.micro_batch_size, pad_token_id, per_token=False) for step in steps]
 
 
-def metrics(record: TrainingRecord, schedule: TokenSchedule, num_visual: int, recipe: FinetuneRecipe) -> dict[str, Any]:
+def metrics(record: TrainingRecord, schedule: TokenSchedule, num_visual: int, recipe: FinetuneRecipe,
+            precision: ResolvedPrecision) -> dict[str, Any]:
     return {"schedule": schedule.describe(num_visual), "average_visual_tokens": schedule.average_visual_tokens(num_visual),
             "token_layer_fraction": round(schedule.token_layer_fraction(num_visual), 4), "init": recipe.init,
+            "precision": {"requested": recipe.optimisation.precision, "resolved": precision},
             **loss_summary(record), "hardware": hardware(torch.device("cpu")), "versions": versions()}
 
 
@@ -130,28 +133,31 @@ def train_hidrop(config: HiDropConfig, recipe: FinetuneRecipe, run_dir: Path, re
     run_dir = Path(run_dir)
     saved_beside = {RUN_CONFIG: yaml_text(config, "the schedule these weights are trained with"),
                     "recipe.yaml": yaml_text(recipe, "wb train hidrop recipe")}
-    open_run(run_dir, saved_beside, resume, outputs=OUTPUTS)
-    # The frozen vision tower's outputs for the training scenes, cached in the run folder.
-    cached = prepare_features(loaded.adapter, loaded.processor, recipe.train_scenes, recipe.feature_batch_size,
-                              run_dir, torch.device("cpu"))
-    torch.manual_seed(recipe.optimisation.seed)
-    lora_seed = int(np.random.default_rng([LORA_INIT_STREAM, recipe.optimisation.seed]).integers(2**31))
-    peft_model = add_lora(loaded.adapter, recipe.lora, lora_seed)
-    adapter = loaded.adapter  # LoRA layers now sit inside its modules
-    engine = ScheduledLLM(adapter, schedule, sharpness=recipe.selection_sharpness)
-    plan = step_plan(recipe, cached.scenes, cached.features.shape[1], loaded.processor,
-                     loaded.processor.tokenizer.pad_token_id)
+    # The loop trains on accelerate's device, which is this one.
+    precision = resolve_precision(recipe.optimisation.precision, torch.device(default_device()))
+    with open_run(run_dir, saved_beside, resume, outputs=OUTPUTS):
+        # The frozen vision tower's outputs for the training scenes, cached in the run folder.
+        cached = prepare_features(loaded.adapter, loaded.processor, recipe.train_scenes, recipe.feature_batch_size,
+                                  run_dir, torch.device("cpu"))
+        torch.manual_seed(recipe.optimisation.seed)
+        lora_seed = int(np.random.default_rng([LORA_INIT_STREAM, recipe.optimisation.seed]).integers(2**31))
+        peft_model = add_lora(loaded.adapter, recipe.lora, lora_seed)
+        adapter = loaded.adapter  # LoRA layers now sit inside its modules
+        engine = ScheduledLLM(adapter, schedule, sharpness=recipe.selection_sharpness)
+        plan = step_plan(recipe, cached.scenes, cached.features.shape[1], loaded.processor,
+                         loaded.processor.tokenizer.pad_token_id)
 
-    def write_outputs(record: TrainingRecord) -> None:
-        projector = {PROJECTOR_PREFIX + name: tensor.detach().cpu().contiguous()
-                     for name, tensor in adapter.projector.state_dict().items()}
-        save_file(projector, run_dir / "projector.safetensors")
-        peft_model.save_pretrained(run_dir / "lora", save_embedding_layers=False)
-        write_json_atomically(run_dir / "metrics.json", metrics(record, schedule, num_visual, recipe))
+        def write_outputs(record: TrainingRecord) -> None:
+            projector = {PROJECTOR_PREFIX + name: tensor.detach().cpu().contiguous()
+                         for name, tensor in adapter.projector.state_dict().items()}
+            save_file(projector, run_dir / "projector.safetensors")
+            peft_model.save_pretrained(run_dir / "lora", save_embedding_layers=False)
+            write_json_atomically(run_dir / "metrics.json", metrics(record, schedule, num_visual, recipe, precision))
 
-    share = schedule.token_layer_fraction(num_visual)
-    record = train(ScheduledLoss(loaded.model, engine, cached.features), trainable_parameters(loaded.model), plan,
-                   recipe.optimisation, run_dir, seed_entropy=(STEP_SEED_STREAM, recipe.optimisation.seed),
-                   description=f"hidrop ({share:.0%} of dense visual-token-layers)", on_finish=write_outputs)
-    summary = metrics(record, schedule, num_visual, recipe)
+        share = schedule.token_layer_fraction(num_visual)
+        optimisation = recipe.optimisation.model_copy(update={"precision": precision})
+        record = train(ScheduledLoss(loaded.model, engine, cached.features), trainable_parameters(loaded.model), plan,
+                       optimisation, run_dir, seed_entropy=(STEP_SEED_STREAM, recipe.optimisation.seed),
+                       description=f"hidrop ({share:.0%} of dense visual-token-layers)", on_finish=write_outputs)
+    summary = metrics(record, schedule, num_visual, recipe, precision)
     return TrainingResult(run_dir, {"train": record}, summary)

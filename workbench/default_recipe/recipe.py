@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 from workbench.errors import WorkbenchError
 from workbench.training.lora import LoraSettings
 from workbench.training.optimisation import AdamWSchedule, Optimisation
+from workbench.training.precision import Precision, ResolvedPrecision
 
 DEFAULT_RECIPE = Path(__file__).with_name("recipe.yaml")
 StageName = Literal["stage1", "stage2"]
@@ -44,7 +45,7 @@ class RecipeConfig(BaseModel):
 
     seed: int
     train_scenes: int = Field(gt=0)
-    precision: Literal["bf16", "fp32"]
+    precision: Precision
     threads: PositiveInt | None  # None: one per CPU core
     feature_batch_size: int = Field(gt=0)
     checkpoint_every: int = Field(gt=0)
@@ -54,10 +55,11 @@ class RecipeConfig(BaseModel):
     def stage(self, name: StageName) -> StageConfig:
         return getattr(self, name)
 
-    def optimisation(self, name: StageName) -> Optimisation:
-        """The stage's schedule with the run-wide precision, checkpoint interval and seed, as the loop takes it."""
+    def optimisation(self, name: StageName, precision: ResolvedPrecision) -> Optimisation:
+        """The stage's schedule with the run's precision (`precision` resolved once for the run), checkpoint
+        interval and seed, as the loop takes it."""
         schedule = AdamWSchedule.model_fields
-        return Optimisation(**{key: getattr(self.stage(name), key) for key in schedule}, precision=self.precision,
+        return Optimisation(**{key: getattr(self.stage(name), key) for key in schedule}, precision=precision,
                             checkpoint_every=self.checkpoint_every, seed=self.seed)
 
 

@@ -39,6 +39,7 @@ from workbench.training.features import SceneText, embeddings_from_features, pre
 from workbench.training.lora import add_lora, trainable_parameters
 from workbench.training.loop import Step, TrainingRecord, TrainingResult, finished_record, open_run, train
 from workbench.training.metrics import hardware, loss_summary, versions
+from workbench.training.precision import ResolvedPrecision, resolve_precision
 from workbench.training.sequences import (
     IGNORE_INDEX,
     Conversation,
@@ -148,8 +149,9 @@ def stage_metrics(record: TrainingRecord, plan: Sequence[Sequence[TokenisedConve
 
 
 def run_metrics(config: RecipeConfig, stages: dict[str, dict[str, Any]], feature_seconds: float,
-                device: torch.device) -> dict[str, Any]:
-    return {"recipe_seed": config.seed, "train_scenes": config.train_scenes, "precision": config.precision,
+                device: torch.device, precision: ResolvedPrecision) -> dict[str, Any]:
+    return {"recipe_seed": config.seed, "train_scenes": config.train_scenes,
+            "precision": {"requested": config.precision, "resolved": precision},
             "feature_seconds": round(feature_seconds, 1),
             "total_seconds": round(feature_seconds + sum(stage["seconds"] for stage in stages.values()), 1),
             "stages": stages, "hardware": hardware(device), "versions": versions()}
@@ -177,16 +179,23 @@ BaseModelLoader = Callable[[], tuple[LlavaForConditionalGeneration, Any]]
 
 def train_default_model(config: RecipeConfig, run_dir: Path = DEFAULT_RUN_DIR, resume: bool = True,
                         base_model_loader: BaseModelLoader = load_base_model) -> TrainingResult:
-    """Run (or continue) the recipe in `run_dir`; a finished run is returned as it is."""
+    """Run (or continue) the recipe in `run_dir`, holding its writer lock; a finished run is returned as it is."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
-    if open_run(run_dir, {"recipe.yaml": recipe_yaml(config)}, resume, outputs=OUTPUTS) and metrics_path.is_file():
-        finished = {stage: finished_record(run_dir, stage) for stage in STAGES}
-        if all(finished.values()):
-            return TrainingResult(run_dir, finished, json.loads(metrics_path.read_text()))
+    with open_run(run_dir, {"recipe.yaml": recipe_yaml(config)}, resume, outputs=OUTPUTS) as resumed:
+        if resumed and metrics_path.is_file():
+            finished = {stage: finished_record(run_dir, stage) for stage in STAGES}
+            if all(finished.values()):
+                return TrainingResult(run_dir, finished, json.loads(metrics_path.read_text()))
+        return run_stages(config, run_dir, base_model_loader)
+
+
+def run_stages(config: RecipeConfig, run_dir: Path, base_model_loader: BaseModelLoader) -> TrainingResult:
+    """Both stages in the open run folder `run_dir`, each from its last checkpoint; then the outputs."""
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     seed_everything(config.seed)
     device = torch.device(default_device())
+    precision = resolve_precision(config.precision, device)
     model, processor = base_model_loader()
     model.to(device).eval()
     adapter = adapter_for(model)
@@ -206,11 +215,11 @@ def train_default_model(config: RecipeConfig, run_dir: Path = DEFAULT_RUN_DIR, r
         conversations = stage_plan(config, stage, cached.scenes, processor, cached.features.shape[1])
         plan: list[Step] = [micro_batches(step, settings.micro_batch_size, pad, per_token=True)
                             for step in conversations]
-        records[stage] = train(loss, trainable_parameters(model), plan, config.optimisation(stage), run_dir,
+        records[stage] = train(loss, trainable_parameters(model), plan, config.optimisation(stage, precision), run_dir,
                                stage=stage, seed_entropy=(STEP_SEED_STREAM, config.seed, stage_number(stage)),
                                description=f"{stage} ({STAGE_TITLES[stage]})")
         stage_metrics_by_name[stage] = stage_metrics(records[stage], conversations, config, stage)
-    metrics = run_metrics(config, stage_metrics_by_name, cached.seconds, device)
+    metrics = run_metrics(config, stage_metrics_by_name, cached.seconds, device, precision)
     save_outputs(run_dir, adapter, peft_model)
-    write_json_atomically(metrics_path, metrics)
+    write_json_atomically(run_dir / "metrics.json", metrics)
     return TrainingResult(run_dir, records, metrics)

@@ -8,28 +8,32 @@ of a step). A multi-stage recipe calls `train` once per stage, each stage with i
 
 Runs are resumable to the same weights: a checkpoint holds the trainable weights, the AdamW state and
 the losses so far; every step reseeds torch from the recipe's seed stream and the step, so randomness
-inside a step does not depend on where the run was resumed.
+inside a step does not depend on where the run was resumed. A recipe holds its run folder open with
+`open_run`, which takes the folder's writer lock, so a second process on the same folder is refused.
+The forward pass runs in the precision `workbench.training.precision` resolves (bf16 autocast or fp32).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.errors import InputError
-from workbench.files import write_text_atomically
+from workbench.files import RunFolderLock, write_text_atomically
 from workbench.training.checkpoints import STATE_FILE, has_checkpoint, restore_checkpoint, save_checkpoint
 from workbench.training.optimisation import Optimisation
+from workbench.training.precision import autocast, resolve_precision
 
 CHECKPOINTS = "checkpoint"
 
@@ -78,13 +82,24 @@ def step_seed(entropy: Sequence[int], step: int) -> int:
     return int(np.random.default_rng([*entropy, step]).integers(2**62))
 
 
-def open_run(run_dir: Path, saved_beside: Mapping[str, str], resume: bool, outputs: Sequence[str] = ()) -> bool:
-    """Prepare `run_dir`; True when it holds a run of the same config and recipe to continue.
+@contextlib.contextmanager
+def open_run(run_dir: Path, saved_beside: Mapping[str, str], resume: bool, outputs: Sequence[str] = ()
+             ) -> Iterator[bool]:
+    """Hold `run_dir`'s writer lock and prepare the folder; yields True when it holds a run of the same
+    config and recipe to continue. The lock is released when the `with` block ends, normally or not.
 
     `saved_beside` maps file names (the method's config, the recipe) to their text: a resumed run must
     have the same. Starting over removes the checkpoints and the named `outputs`, and keeps caches.
+    Under `accelerate launch` only the main process takes the lock: the others write the same run.
     """
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunFolderLock(run_dir) if PartialState().is_main_process else contextlib.nullcontext():
+        yield _prepare_run(run_dir, saved_beside, resume, outputs)
+
+
+def _prepare_run(run_dir: Path, saved_beside: Mapping[str, str], resume: bool, outputs: Sequence[str]) -> bool:
+    """`open_run`'s work on the folder, done while holding its lock."""
     if resume and (run_dir / CHECKPOINTS).is_dir():
         for name, text in saved_beside.items():
             path = run_dir / name
@@ -96,7 +111,6 @@ def open_run(run_dir: Path, saved_beside: Mapping[str, str], resume: bool, outpu
     for name in outputs:
         target = run_dir / name
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     for name, text in saved_beside.items():
         write_text_atomically(run_dir / name, text)
     return False
@@ -115,8 +129,8 @@ def finished_record(run_dir: Path, stage: str = "train") -> TrainingRecord | Non
 def train(module: nn.Module, parameters: dict[str, nn.Parameter], plan: Sequence[Step], optimisation: Optimisation,
           run_dir: Path, stage: str = "train", seed_entropy: Sequence[int] = (), description: str = "training",
           on_finish: Callable[[TrainingRecord], None] | None = None) -> TrainingRecord:
-    """Run `plan` on `module` from the stage's last checkpoint in `run_dir` (see `open_run`); a finished
-    stage only has its weights restored. `on_finish` writes the method's outputs after the last step.
+    """Run `plan` on `module` from the stage's last checkpoint in `run_dir` (held open with `open_run`); a
+    finished stage only has its weights restored. `on_finish` writes the method's outputs after the last step.
 
     `seed_entropy`: the recipe's seed stream; each step seeds torch from it and the step index.
     """
@@ -124,7 +138,7 @@ def train(module: nn.Module, parameters: dict[str, nn.Parameter], plan: Sequence
     # Accelerate keeps one process-wide state, whose precision cannot change once set: runs of different
     # precision in one process (tests, notebooks) would clash, so autocast is applied here instead.
     accelerator = Accelerator()
-    autocast_bf16 = optimisation.precision == "bf16"
+    precision = resolve_precision(optimisation.precision, accelerator.device)
     optimizer = torch.optim.AdamW(list(parameters.values()), lr=optimisation.learning_rate,
                                   weight_decay=optimisation.weight_decay)
     record = TrainingRecord()
@@ -145,7 +159,7 @@ def train(module: nn.Module, parameters: dict[str, nn.Parameter], plan: Sequence
             mine = list(plan[step])[accelerator.process_index::accelerator.num_processes]
             loss_sum = 0.0
             for micro_batch in mine:
-                with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+                with autocast(precision, accelerator.device):
                     loss = module(**{name: tensor.to(accelerator.device)
                                      for name, tensor in micro_batch.tensors.items()})
                 # Gradients are averaged over processes, so each process's share is scaled back up.

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from workbench.training.precision import Precision
 
 
 class AdamWSchedule(BaseModel):
@@ -31,6 +32,6 @@ class AdamWSchedule(BaseModel):
 class Optimisation(AdamWSchedule):
     """The learning-rate schedule, precision, checkpoint interval and seed of one run of the loop."""
 
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Precision = "auto"  # see `workbench.training.precision`
     checkpoint_every: int = Field(gt=0)
     seed: int = 0
