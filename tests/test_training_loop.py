@@ -136,3 +136,27 @@ def test_scheduled_loss_trains_through_a_pruning_schedule(tmp_path):
     with open_run(tmp_path, {}, resume=False):
         losses = train(module, parameters, [[micro]] * 8, settings, tmp_path).losses
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_a_runs_projector_and_lora_are_whole_files_with_the_umasks_mode(tmp_path):
+    from safetensors.torch import load_file
+
+    from workbench.training.lora import LoraSettings, add_lora, save_projector_and_lora
+
+    model = tiny_llava(num_layers=1)
+    adapter = adapter_for(model)
+    peft_model = add_lora(adapter, LoraSettings(rank=2, alpha=4, dropout=0.0, target_modules=["q_proj"]), seed=0)
+    previous = os.umask(0o022)
+    try:
+        save_projector_and_lora(tmp_path, adapter, peft_model)
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "projector.safetensors", *sorted((tmp_path / "lora").iterdir())]
+    assert {path.name for path in written} >= {"projector.safetensors", "adapter_model.safetensors",
+                                               "adapter_config.json"}
+    assert all(path.stat().st_mode & 0o777 == 0o644 for path in written)  # safetensors alone makes them 0600
+    projector = load_file(tmp_path / "projector.safetensors")
+    expected = adapter.projector.state_dict()
+    assert projector.keys() == {"multi_modal_projector." + name for name in expected}
+    assert all(torch.equal(projector["multi_modal_projector." + name], tensor) for name, tensor in expected.items())
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith("tmp")]  # the staging folder is gone

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors.torch import save_file
 from torch import nn
 
 from efficient_models.hidrop.config import HiDropConfig
@@ -35,7 +34,7 @@ from workbench.files import write_json_atomically
 from workbench.models.loading import default_device, load_model
 from workbench.training.batches import micro_batches, plan_steps
 from workbench.training.features import embeddings_from_features, prepare_features
-from workbench.training.lora import LoraSettings, add_lora, trainable_parameters
+from workbench.training.lora import LoraSettings, add_lora, save_projector_and_lora, trainable_parameters
 from workbench.training.loop import TrainingRecord, TrainingResult, open_run, train
 from workbench.training.metrics import hardware, loss_summary, versions
 from workbench.training.optimisation import Optimisation
@@ -43,7 +42,6 @@ from workbench.training.precision import ResolvedPrecision, resolve_precision
 from workbench.training.sequences import qa_conversations, tokenise_conversation
 
 DEFAULT_RECIPE = Path(__file__).with_name("recipe.yaml")
-PROJECTOR_PREFIX = "multi_modal_projector."  # the key format `apply_trained_weights` expects
 QA_PACKING_STREAM, STEP_ORDER_STREAM, LORA_INIT_STREAM, STEP_SEED_STREAM = 11, 12, 13, 7
 OUTPUTS = ("projector.safetensors", "lora", "metrics.json")
 
@@ -148,10 +146,7 @@ def train_hidrop(config: HiDropConfig, recipe: FinetuneRecipe, run_dir: Path, re
                          loaded.processor.tokenizer.pad_token_id)
 
         def write_outputs(record: TrainingRecord) -> None:
-            projector = {PROJECTOR_PREFIX + name: tensor.detach().cpu().contiguous()
-                         for name, tensor in adapter.projector.state_dict().items()}
-            save_file(projector, run_dir / "projector.safetensors")
-            peft_model.save_pretrained(run_dir / "lora", save_embedding_layers=False)
+            save_projector_and_lora(run_dir, adapter, peft_model)
             write_json_atomically(run_dir / "metrics.json", metrics(record, schedule, num_visual, recipe, precision))
 
         share = schedule.token_layer_fraction(num_visual)

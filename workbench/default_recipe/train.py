@@ -23,9 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import peft
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -36,7 +34,7 @@ from workbench.models.default_model import build_default_model
 from workbench.models.loading import default_device
 from workbench.training.batches import micro_batches, plan_steps, supervised_count
 from workbench.training.features import SceneText, embeddings_from_features, prepare_features
-from workbench.training.lora import add_lora, trainable_parameters
+from workbench.training.lora import add_lora, save_projector_and_lora, trainable_parameters
 from workbench.training.loop import Step, TrainingRecord, TrainingResult, finished_record, open_run, train
 from workbench.training.metrics import hardware, loss_summary, versions
 from workbench.training.precision import ResolvedPrecision, resolve_precision
@@ -50,7 +48,6 @@ from workbench.training.sequences import (
 )
 
 DEFAULT_RUN_DIR = Path("runs/train-default")
-PROJECTOR_PREFIX = "multi_modal_projector."  # the key format `load_default_model` expects
 OUTPUTS = ("projector.safetensors", "lora", "metrics.json")
 # Each use of randomness draws from its own seeded stream, tagged by its first entropy word.
 SCENE_ORDER_STREAM, QA_PACKING_STREAM, STEP_ORDER_STREAM, STEP_SEED_STREAM, LORA_INIT_STREAM = range(5)
@@ -157,14 +154,6 @@ def run_metrics(config: RecipeConfig, stages: dict[str, dict[str, Any]], feature
             "stages": stages, "hardware": hardware(device), "versions": versions()}
 
 
-def save_outputs(run_dir: Path, adapter: ArchitectureAdapter, peft_model: peft.PeftModel) -> None:
-    projector = {PROJECTOR_PREFIX + name: tensor.detach().cpu().contiguous()
-                 for name, tensor in adapter.projector.state_dict().items()}
-    save_file(projector, run_dir / "projector.safetensors")
-    # The adapter does not touch the embeddings; saying so skips peft's lookup of the base model's files.
-    peft_model.save_pretrained(run_dir / "lora", save_embedding_layers=False)
-
-
 # --- the run -------------------------------------------------------------------------
 
 
@@ -220,6 +209,6 @@ def run_stages(config: RecipeConfig, run_dir: Path, base_model_loader: BaseModel
                                description=f"{stage} ({STAGE_TITLES[stage]})")
         stage_metrics_by_name[stage] = stage_metrics(records[stage], conversations, config, stage)
     metrics = run_metrics(config, stage_metrics_by_name, cached.seconds, device, precision)
-    save_outputs(run_dir, adapter, peft_model)
+    save_projector_and_lora(run_dir, adapter, peft_model)
     write_json_atomically(run_dir / "metrics.json", metrics)
     return TrainingResult(run_dir, records, metrics)

@@ -1,15 +1,23 @@
-"""LoRA on a vision-language model's decoder projections (settings and setup), and a model's trainable parameters."""
+"""LoRA on a vision-language model's decoder projections (settings, setup, saving the result with the
+trained projector), and a model's trainable parameters."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import peft
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import save_file
 from torch import nn
 
+from workbench.files import write_atomically
 from workbench.models.adapter import ArchitectureAdapter
+
+PROJECTOR_PREFIX = "multi_modal_projector."  # the key format the default model's loader expects
 
 
 class LoraSettings(BaseModel):
@@ -37,3 +45,18 @@ def add_lora(adapter: ArchitectureAdapter, settings: LoraSettings, seed: int) ->
     peft_model.peft_config["default"].base_model_name_or_path = "default"
     adapter.projector.requires_grad_(True)  # get_peft_model froze everything but the adapter
     return peft_model
+
+
+def save_projector_and_lora(run_dir: Path, adapter: ArchitectureAdapter, peft_model: peft.PeftModel) -> None:
+    """A finished run's weights: `projector.safetensors` and the `lora/` adapter folder. Each file goes through
+    `write_atomically`, so it is whole and gets the umask's mode (safetensors and peft create theirs 0600)."""
+    projector = {PROJECTOR_PREFIX + name: tensor.detach().cpu().contiguous()
+                 for name, tensor in adapter.projector.state_dict().items()}
+    write_atomically(run_dir / "projector.safetensors", lambda target: save_file(projector, str(target)))
+    lora = run_dir / "lora"
+    lora.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=run_dir) as staging:
+        # The adapter does not touch the embeddings; saying so skips peft's lookup of the base model's files.
+        peft_model.save_pretrained(staging, save_embedding_layers=False)
+        for written in Path(staging).iterdir():
+            write_atomically(lora / written.name, lambda target, source=written: shutil.copyfile(source, target))
