@@ -276,3 +276,15 @@ def test_fastv_matched_averages_the_hidrop_configs_visual_tokens_on_the_models_i
     target = hidrop_schedule(config).average_visual_tokens(256)
     assert matched.schedule.average_visual_tokens(256) == pytest.approx(target, abs=1.0)
     assert matched.describe(ModelShapes.of_model(default_model)).startswith("fastv-matched [0-1:256 2-29:")
+
+
+def test_the_report_names_the_precision_its_training_step_computed_in(report):
+    from rich.console import Console
+
+    from workbench.training.precision import resolve_precision
+
+    assert report.training_precision == resolve_precision("auto", torch.device("cpu"))
+    assert report.to_dict()["training_precision"] in ("bf16", "fp32")
+    console = Console(record=True, width=200)
+    reports.print_report(report, console)
+    assert f"ms ({report.training_precision})" in console.export_text()

@@ -35,6 +35,7 @@ from efficient_models.variant import BenchVariant
 from workbench.errors import InputError
 from workbench.evaluation.vqa import evaluate_vqa, select_questions
 from workbench.flops import FlopsBreakdown, ModelShapes
+from workbench.training.precision import resolve_precision
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -86,10 +87,11 @@ def benchmark(variants: Sequence[BenchVariant], batches: BenchBatches, text_toke
         raise InputError(f"the first variant must be {REFERENCE} (every ratio is taken against it), not {dense.name!r}")
     shapes = ModelShapes.of_model(dense.loaded, image_size=tuple(batches.prompts["pixel_values"].shape[-2:]))
     flops = [batch_flops(variant, shapes, batches, decode_steps) for variant in variants]
+    precision = resolve_precision("auto", dense.loaded.device)  # once, as a training run resolves it
     stages = {
         "prefill": ("s", lambda variant: prefill_seconds(variant, batches.prompts)),
         "decode": ("tokens/s", lambda variant: decode_tokens_per_second(variant, batches.prompts, decode_steps)),
-        "training": ("s", lambda variant: training_step_seconds(variant, batches.training, batches.labels)),
+        "training": ("s", lambda variant: training_step_seconds(variant, batches.training, batches.labels, precision)),
     }
     speeds: dict[str, list[Speed]] = {}
     for stage, (unit, measure) in stages.items():
@@ -113,6 +115,7 @@ def benchmark(variants: Sequence[BenchVariant], batches: BenchBatches, text_toke
     return BenchReport(model=dense.loaded.name, device=str(dense.loaded.device),
                        questions=questions or f"{len(text_tokens)} prompts", batch_size=len(batches.labels),
                        repeats=repeats, decode_steps=decode_steps, memory_measure=memory[0][1],
+                       training_precision=precision,
                        seconds=time.perf_counter() - started, variants=results,
                        notes=list(dict.fromkeys(note for variant in variants for note in variant.loaded.notes)))
 

@@ -62,6 +62,7 @@ class BenchReport:
     repeats: int
     decode_steps: int
     memory_measure: str  # CUDA_PEAK or KV_CACHE
+    training_precision: str  # what the timed training step computed in ("bf16" autocast or "fp32")
     seconds: float
     variants: list[VariantResult]
     notes: list[str] = field(default_factory=list)
@@ -123,7 +124,8 @@ def print_report(report: BenchReport, console: Console) -> None:
     console.print(speeds)
     dense = report.variants[0]
     console.print(f"dense: prefill {dense.prefill.median * 1000:.1f} ms per batch, decode "
-                  f"{dense.decode.median:.1f} tokens/s, training step {dense.training_step.median * 1000:.1f} ms, "
+                  f"{dense.decode.median:.1f} tokens/s, training step {dense.training_step.median * 1000:.1f} ms "
+                  f"({report.training_precision}), "
                   f"memory {dense.memory_bytes / 2 ** 20:.1f} MiB")
     scored = [variant for variant in report.variants if variant.accuracy is not None]
     if scored:
