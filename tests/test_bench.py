@@ -63,7 +63,7 @@ def report(variants) -> reports.BenchReport:
     accuracy = {variant.name: reports.Accuracy(overall=0.5 - 0.1 * index, by_type={"colour": 0.5}, n=2)
                 for index, variant in enumerate(variants)}
     return harness.benchmark(variants, tiny_batches(), text_tokens=[5, 5, 6], repeats=2, decode_steps=3,
-                           accuracy=accuracy)
+                             accuracy=accuracy, no_vision=reports.Accuracy(overall=0.25, by_type={"colour": 0.25}, n=2))
 
 
 def test_dense_is_exactly_its_own_reference(report):
@@ -251,9 +251,9 @@ def test_accuracy_is_scored_per_question_type_and_prompts_are_counted():
                          schedules.dense(LAYERS))
     model.answers = {pair.question: (pair.answer, pair.type) for _, pair in questions}
     progress = []
-    accuracy = harness.vqa_accuracy(model, "test", 12, batch_size=5, max_new_tokens=4,
-                                  progress=lambda done, total: progress.append(done))
-    assert progress == [5, 10, 12]
+    accuracy, no_vision = harness.vqa_accuracy(model, "test", 12, batch_size=5, max_new_tokens=4,
+                                               progress=lambda done, total: progress.append(done))
+    assert progress == [5, 10, 12] and no_vision is None
     assert accuracy.by_type == {"colour": 1.0, "shape": 0.0, "count": 0.0, "position": 0.0, "text": 0.0,
                                 "exists": 0.0}
     assert accuracy.overall == pytest.approx(2 / 12) and accuracy.n == 12
@@ -288,3 +288,23 @@ def test_the_report_names_the_precision_its_training_step_computed_in(report):
     console = Console(record=True, width=200)
     reports.print_report(report, console)
     assert f"ms ({report.training_precision})" in console.export_text()
+
+
+def test_each_variant_reports_the_share_of_denses_vision_gain_it_keeps(report):
+    """Accuracies 50 / 40 / 30 / 20% over a 25% no-vision floor: dense gains 25 points, fastv keeps 15 of them."""
+    from rich.console import Console
+
+    kept = [report.vision_gain_kept(variant) for variant in report.variants]
+    assert kept == pytest.approx([1.0, 0.6, 0.2, -0.2])
+    assert [report.share_of_dense(variant) for variant in report.variants] == pytest.approx([1.0, 0.8, 0.6, 0.4])
+    assert [row["vision_gain_kept"] for row in report.to_dict()["variants"]] == pytest.approx(kept)
+    console = Console(record=True, width=250)
+    reports.print_report(report, console)
+    text = console.export_text()
+    assert "vision gain kept" in text and "no vision (dense, image zeroed): 25.0%" in text
+
+
+def test_vqa_scores_carry_the_vision_gain():
+    from workbench.evaluation.vqa import Score
+
+    assert Score(10, model=0.6, no_vision=0.2, majority=0.3).vision_gain == pytest.approx(0.4)

@@ -137,13 +137,14 @@ def eval_vqa(
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
-    scores = Table("type", "n", "model", "no vision", "majority",
+    scores = Table("type", "n", "model", "no vision", "vision gain", "majority",
                    title=f"VQA exact match: {report.model} on {report.n} {report.split} questions "
                          f"({report.seconds:.0f} s)")
     for name, row in [*report.by_type.items(), ("overall", report.overall)]:
         if name == "overall":
             scores.add_section()
-        scores.add_row(name, str(row.n), f"{row.model:.1%}", f"{row.no_vision:.1%}", f"{row.majority:.1%}")
+        scores.add_row(name, str(row.n), f"{row.model:.1%}", f"{row.no_vision:.1%}", f"{row.vision_gain:+.1%}",
+                       f"{row.majority:.1%}")
     console.print(scores)
     examples = Table("question", "answer", "model", "no vision", title="First example of each type")
     for first, *_ in report.examples.values():

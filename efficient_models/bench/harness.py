@@ -54,11 +54,17 @@ def stage_steps(progress: Progress | None, stage: str, total: int) -> Callable[[
 
 
 def vqa_accuracy(variant: BenchVariant, split: str, n: int, batch_size: int, max_new_tokens: int,
-                 progress: Callable[[int, int], object]) -> Accuracy:
-    """The variant's exact-match accuracy as `wb eval vqa` scores it (no references: dense is the reference)."""
-    report = evaluate_vqa(variant.loaded, split, n, batch_size, max_new_tokens, progress=progress, references=False,
+                 progress: Callable[[int, int], object], no_vision: bool = False) -> tuple[Accuracy, Accuracy | None]:
+    """The variant's exact-match accuracy as `wb eval vqa` scores it and, with `no_vision`, that of its model
+    with the image's features zeroed (asked of dense only: the floor every vision gain is measured from)."""
+    report = evaluate_vqa(variant.loaded, split, n, batch_size, max_new_tokens, progress=progress,
+                          references=no_vision,
                           generator=lambda inputs, image_ids, tokens: variant.generate_text(inputs, tokens))
-    return Accuracy(report.overall.model, {kind: score.model for kind, score in report.by_type.items()}, report.n)
+
+    def accuracy(field: str) -> Accuracy:
+        return Accuracy(getattr(report.overall, field),
+                        {kind: getattr(score, field) for kind, score in report.by_type.items()}, report.n)
+    return accuracy("model"), accuracy("no_vision") if no_vision else None
 
 
 def batch_flops(variant: BenchVariant, shapes: ModelShapes, batches: BenchBatches, decode_steps: int) -> dict[str, float]:
@@ -75,11 +81,12 @@ def batch_flops(variant: BenchVariant, shapes: ModelShapes, batches: BenchBatche
 
 def benchmark(variants: Sequence[BenchVariant], batches: BenchBatches, text_tokens: Sequence[int], repeats: int = 5,
               decode_steps: int = 16, accuracy: Mapping[str, Accuracy] | None = None, questions: str = "",
-              progress: Progress | None = None) -> BenchReport:
+              progress: Progress | None = None, no_vision: Accuracy | None = None) -> BenchReport:
     """Counted FLOPs, timings and memory of `variants` (dense first) on `batches`.
 
     `text_tokens`: the text tokens of every question's prompt (FLOPs per question are their mean);
-    `accuracy`: each variant's score by name, measured beforehand (`run_probe_benchmark`).
+    `accuracy`: each variant's score by name, measured beforehand (`run_probe_benchmark`); `no_vision`:
+    dense's score without the image, measured with it.
     """
     started = time.perf_counter()
     dense = variants[0]
@@ -115,7 +122,7 @@ def benchmark(variants: Sequence[BenchVariant], batches: BenchBatches, text_toke
     return BenchReport(model=dense.loaded.name, device=str(dense.loaded.device),
                        questions=questions or f"{len(text_tokens)} prompts", batch_size=len(batches.labels),
                        repeats=repeats, decode_steps=decode_steps, memory_measure=memory[0][1],
-                       training_precision=precision,
+                       training_precision=precision, no_vision=no_vision,
                        seconds=time.perf_counter() - started, variants=results,
                        notes=list(dict.fromkeys(note for variant in variants for note in variant.loaded.notes)))
 
@@ -130,14 +137,16 @@ def run_probe_benchmark(variants: Sequence[BenchVariant], split: str = "test", n
                          f"(got {n}, {batch_size}, {repeats}, {decode_steps})")
     started = time.perf_counter()
     questions = select_questions(split, n)
-    accuracy = {}
-    for variant in variants:
-        stage = f"answering ({variant.name})"
-        accuracy[variant.name] = vqa_accuracy(variant, split, n, batch_size, max_new_tokens,
-                                              lambda done, total, stage=stage: progress and progress(stage, done, total))
+    accuracy, no_vision = {}, None
+    for index, variant in enumerate(variants):
+        stage = f"answering ({variant.name}{', then without the image' if index == 0 else ''})"
+        accuracy[variant.name], blind = vqa_accuracy(
+            variant, split, n, batch_size, max_new_tokens,
+            lambda done, total, stage=stage: progress and progress(stage, done, total), no_vision=index == 0)
+        no_vision = no_vision or blind
     text_tokens = prompt_text_tokens(variants[0].loaded, questions)
     batches = probe_batches(variants[0].loaded, questions[:batch_size])
     report = benchmark(variants, batches, text_tokens, repeats, decode_steps, accuracy,
-                       f"{len(questions)} {split} probe-scene questions", progress)
+                       f"{len(questions)} {split} probe-scene questions", progress, no_vision)
     report.seconds = time.perf_counter() - started
     return report

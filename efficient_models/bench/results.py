@@ -66,9 +66,29 @@ class BenchReport:
     seconds: float
     variants: list[VariantResult]
     notes: list[str] = field(default_factory=list)
+    no_vision: Accuracy | None = None  # dense with the image's features zeroed: the floor of every vision gain
+
+    def share_of_dense(self, variant: VariantResult) -> float | None:
+        """The variant's accuracy over dense's."""
+        dense = self.variants[0].accuracy
+        if variant.accuracy is None or dense is None or dense.overall == 0:
+            return None
+        return variant.accuracy.overall / dense.overall
+
+    def vision_gain_kept(self, variant: VariantResult) -> float | None:
+        """The share of dense's vision gain (accuracy above no-vision) the variant keeps: the headline, since
+        a high no-vision floor makes "% of dense" hide what a variant loses of what the image gives."""
+        dense = self.variants[0].accuracy
+        if variant.accuracy is None or dense is None or self.no_vision is None:
+            return None
+        gain = dense.overall - self.no_vision.overall
+        return (variant.accuracy.overall - self.no_vision.overall) / gain if gain > 0 else None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        for variant, row in zip(self.variants, data["variants"]):
+            row |= {"share_of_dense": self.share_of_dense(variant), "vision_gain_kept": self.vision_gain_kept(variant)}
+        return data
 
 
 def speed(values: Sequence[float], dense: Sequence[float], unit: str, predicted: float) -> Speed:
@@ -106,16 +126,20 @@ def write_report(report: BenchReport, out_dir: Path) -> tuple[Path, Path]:
 
 def print_report(report: BenchReport, console: Console) -> None:
     """Three tables: cost and accuracy, measured speedups against dense, accuracy per question type."""
-    cost = Table("variant", "tokens/layer", "accuracy", "GFLOPs", "predicted", "memory",
-                 title=f"{report.model} on {report.device}: {report.questions}",
-                 caption="visual tokens per layer; counted prefill GFLOPs per question and the speedup they predict; "
-                         f"memory ({report.memory_measure}) as a ratio to dense")
+    floor = "" if report.no_vision is None else f"; no vision (dense, image zeroed): {report.no_vision.overall:.1%}"
+    cost = Table("variant", "tokens/layer", "accuracy", "vision gain kept", "% of dense", "GFLOPs", "predicted",
+                 "memory", title=f"{report.model} on {report.device}: {report.questions}",
+                 caption="vision gain kept: (accuracy - no vision) / (dense - no vision)"
+                         f"{floor}; visual tokens per layer; counted prefill GFLOPs per question and the speedup "
+                         f"they predict; memory ({report.memory_measure}) as a ratio to dense")
     speeds = Table("variant", "prefill", "decode", "train step",
                    title=f"Measured speedup vs dense (measured / predicted), batch {report.batch_size}, "
                          f"median of {report.repeats}")
     for variant in report.variants:
         accuracy = "-" if variant.accuracy is None else f"{variant.accuracy.overall:.1%}"
+        kept, share = report.vision_gain_kept(variant), report.share_of_dense(variant)
         cost.add_row(variant.name, f"{variant.average_visual_tokens:.1f}", accuracy,
+                     "-" if kept is None else f"{kept:.0%}", "-" if share is None else f"{share:.0%}",
                      f"{variant.prefill_flops.total / 1e9:.3g}", f"{variant.prefill.predicted_speedup:.2f}x",
                      f"{variant.memory_ratio:.2f}x")
         speeds.add_row(variant.name, *(f"{figure.speedup:.2f}x ({figure.measured_over_predicted:.2f})"

@@ -171,12 +171,16 @@ def answer_questions(loaded: LoadedModel, questions: Sequence[Question], batch_s
 
 @dataclass
 class Score:
-    """Accuracies (fractions in [0, 1]) over `n` questions."""
+    """Accuracies (fractions in [0, 1]) over `n` questions, and what the image adds (`vision_gain`)."""
 
     n: int
     model: float
     no_vision: float
     majority: float
+    vision_gain: float = field(init=False)  # model minus no-vision: what seeing the image is worth (NaN: not run)
+
+    def __post_init__(self):
+        self.vision_gain = self.model - self.no_vision
 
 
 @dataclass
