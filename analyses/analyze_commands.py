@@ -180,6 +180,42 @@ def similarity(
     _print(summary, as_json, table)
 
 
+@analyze_app.command("vision-layers")
+def vision_layers(
+    model: str = MODEL_OPTION, images: str = IMAGES_OPTION, out: str = OUT_OPTION,
+    stage_similarity: float = typer.Option(0.85, help="Consecutive-layer CKA below which a new stage starts."),
+    batch_size: int = BATCH_OPTION, as_json: bool = JSON_OPTION,
+) -> None:
+    """Probes, norms and stages of every vision-tower layer: the layer set to feed the projector."""
+    from analyses.vision_layers import VisionLayersConfig, analyze_vision_layers, require_probe_scenes
+
+    config = VisionLayersConfig(batch_size=batch_size, stage_similarity=stage_similarity)
+    image_set = require_probe_scenes(_images(images))  # before the model loads: a wrong set is one quick line
+    summary = analyze_vision_layers(load_with_notes(model), image_set, out, config)
+    _print(summary, as_json, _vision_layers_table(summary, out))
+
+
+def _vision_layers_table(summary: dict, out: str) -> Table:
+    """One row per tower layer: its stage, probe accuracy per target / majority, norms, and the picks."""
+    import pandas as pd
+
+    probes = pd.read_parquet(Path(out) / "probes.parquet")
+    layers = pd.read_parquet(Path(out) / "layers.parquet")
+    targets = list(dict.fromkeys(probes["target"]))
+    table = Table("layer", "stage", *targets, "norm", "outliers", "pick",
+                  title=f"vision-tower layers, {summary['num_images']} scenes -> {out}",
+                  caption=f"probe accuracy / majority class. Recommended layers {summary['recommended_layers']} "
+                          f"(*), base layer {summary['base_layer']}")
+    cells = {(row.layer, row.target): "-" if math.isnan(row.accuracy) else f"{row.accuracy:.0%}/{row.majority:.0%}"
+             for row in probes.itertuples()}
+    for row in layers.itertuples():
+        pick = "*" if row.layer in summary["recommended_layers"] else ""
+        pick += " base" if row.layer == summary["base_layer"] else ""
+        table.add_row(str(row.layer), str(row.stage), *(cells.get((row.layer, target), "-") for target in targets),
+                      f"{row.mean_norm:.1f}", f"{row.outlier_share:.1%}", pick.strip())
+    return table
+
+
 @analyze_app.command("interventions")
 def interventions(
     model: str = MODEL_OPTION, images: str = IMAGES_OPTION, out: str = OUT_OPTION,
