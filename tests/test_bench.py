@@ -202,7 +202,7 @@ def test_bad_variant_names_and_missing_options_fail_before_loading(tmp_path):
 
 def test_wb_bench_reports_a_bad_variant_in_one_line(run_wb):
     code, _, err = run_wb("bench", "--variants", "dense,nope")
-    assert code == 2 and err.strip() == ("error: unknown variant 'nope'; choose from dense, fastv, fastv-matched, fusion, "
+    assert code == 2 and err.strip() == ("error: unknown variant 'nope'; choose from dense, fastv, fastv-matched, fusion, fusion-dropin, "
                                          "hidrop, hidrop-dropin, injection, pdrop, pdrop-persistent")
 
 

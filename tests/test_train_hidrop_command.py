@@ -6,6 +6,7 @@ import pytest
 
 from efficient_models.hidrop import training
 from efficient_models.hidrop.config import HiDropConfig
+from efficient_models.token_schedule.finetune import load_recipe
 from workbench.configs import write_config
 from workbench.training.loop import TrainingRecord, TrainingResult
 
@@ -17,13 +18,13 @@ def recipe_run(tmp_path, monkeypatch, run_wb):
                                        schedule_power=9.2), tmp_path / "hidrop.yaml")
     received = []
 
-    def train_hidrop(schedule_config, recipe, run_dir, resume=True):
+    def train(schedule_config, recipe, run_dir, resume=True):
         received.append(recipe)
         steps = recipe.optimisation.steps
         return TrainingResult(run_dir, {"train": TrainingRecord(step=steps, losses=[1.0] * steps,
                                                                 seconds=[0.1] * steps)}, {"schedule": "stub"})
 
-    monkeypatch.setattr(training, "train_hidrop", train_hidrop)
+    monkeypatch.setattr(training, "train", train)
 
     def run(*args: str):
         code, _, err = run_wb("train", "hidrop", "--config", str(config), "--out", str(tmp_path / "run"), *args)
@@ -41,7 +42,7 @@ def test_steps_are_honoured_with_smoke(recipe_run):
 
 
 def test_steps_override_the_recipe(recipe_run):
-    shipped = training.load_recipe()
+    shipped = load_recipe(training.DEFAULT_RECIPE)
     recipe = recipe_run("--steps", "7")
     assert recipe.optimisation.steps == 7 and recipe.train_scenes == shipped.train_scenes
     assert recipe.optimisation.precision == shipped.optimisation.precision == "auto"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from efficient_models.hidrop.training import ScheduledLoss
+from efficient_models.token_schedule.finetune import ScheduledLoss
 from efficient_models.token_schedule.engine import ScheduledLLM
 from efficient_models.token_schedule.scheduled_model import answer_queries
 from efficient_models.token_schedule.schedule import TokenSchedule

@@ -1,9 +1,10 @@
-"""A fusion config applied to a loaded model, and the `fusion` bench variant built from it (untrained: the
-extra layers start at zero, so it answers as the model did until `wb train fusion` exists)."""
+"""A fusion config applied to a loaded model, as a bench variant: untrained (`fusion_variant`, the extra
+layers at zero, so it answers as the model did) or a finished `wb train fusion` run (`load_fusion_run`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from efficient_models.fusion.config import FusionConfig
 from efficient_models.fusion.cost import fusion_flops
@@ -11,9 +12,11 @@ from efficient_models.fusion.input_fusion import check_llava, fuse_at_input
 from efficient_models.fusion.internal_fusion import InternalFusion, attach
 from efficient_models.fusion.layer_sets import Group, resolve_layer_set
 from efficient_models.token_schedule.schedule import dense
+from efficient_models.token_schedule.finetune import finished_run_config
 from efficient_models.token_schedule.scheduled_model import ScheduledModel
 from workbench.errors import InputError
 from workbench.flops import FlopsCount, ModelShapes
+from workbench.models.default_model import apply_trained_weights
 from workbench.models.loading import LoadedModel
 
 
@@ -57,3 +60,20 @@ def fusion_variant(loaded: LoadedModel, config: FusionConfig, name: str = "fusio
     groups = fusion_groups(loaded, config)
     fusion = apply_fusion(loaded, groups, config.mode)
     return FusedModel(loaded, dense(loaded.adapter.num_llm_layers), name, config=config, groups=groups, fusion=fusion)
+
+
+def check_fusion_run(run_dir: str | Path) -> FusionConfig:
+    """The run's config, once the folder is known to hold a finished run."""
+    return finished_run_config(run_dir, "fusion")
+
+
+def load_fusion_run(run_dir: str | Path, loaded: LoadedModel) -> FusedModel:
+    """A finished `wb train fusion` run on `loaded`, the dense model it was fine-tuned from (changed in place):
+    the model widened as the run's config says, then its trained projector loaded and its LoRA merged."""
+    run_dir = Path(run_dir)
+    config = check_fusion_run(run_dir)
+    groups = fusion_groups(loaded, config)
+    apply_fusion(loaded, groups, config.mode)
+    model, _, _ = apply_trained_weights(loaded.model, run_dir)
+    tuned = LoadedModel.from_model(model, loaded.processor, name=f"{loaded.name}+{run_dir.name}")
+    return FusedModel(tuned, dense(tuned.adapter.num_llm_layers), "fusion", config=config, groups=groups)

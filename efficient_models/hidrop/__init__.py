@@ -2,10 +2,10 @@
 schedule active. Registers the `hidrop` method (variants `hidrop`, trained, and `hidrop-dropin`, its
 schedule on the dense weights; `wb train hidrop`)."""
 
-from efficient_models.hidrop.commands import train_command
 from efficient_models.hidrop.config import HiDropConfig
 from efficient_models.hidrop.pyramid import hidrop_schedule, with_token_budget
 from efficient_models.registry import Method, Variant, register
+from efficient_models.token_schedule.finetune_command import finetune_command
 from efficient_models.token_schedule.schedule import schedule_flops
 from workbench.errors import InputError
 
@@ -39,7 +39,9 @@ def _check_run(run_dir):
 register(Method(
     name="hidrop", summary="late injection, pruning stages or the concave pyramid, early exit",
     config=HiDropConfig, flops=schedule_flops(hidrop_schedule), from_run=_from_run, run_kinds=("similarity",),
-    train=train_command, check_run=_check_run, fit_budget=with_token_budget,
+    train=finetune_command("hidrop", HiDropConfig, "efficient_models.hidrop.training",
+                           "Fine-tune the default model (projector + LoRA) with a HiDrop schedule active."),
+    check_run=_check_run, fit_budget=with_token_budget,
     variants=(Variant("hidrop", "a trained `wb train hidrop` run", _trained, needs="run", of="hidrop"),
               Variant("hidrop-dropin", "a hidrop config's schedule on the dense weights", _dropin,
                       needs="config", of="hidrop")),

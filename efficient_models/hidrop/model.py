@@ -10,9 +10,8 @@ from pathlib import Path
 
 from efficient_models.hidrop.config import HiDropConfig
 from efficient_models.hidrop.pyramid import hidrop_schedule
-from efficient_models.registry import run_config
+from efficient_models.token_schedule.finetune import finished_run_config
 from efficient_models.token_schedule.scheduled_model import ScheduledModel, visual_tokens_per_image
-from workbench.errors import InputError
 from workbench.models.default_model import apply_trained_weights
 from workbench.models.loading import LoadedModel
 
@@ -24,10 +23,7 @@ def hidrop_model(loaded: LoadedModel, config: HiDropConfig, name: str = "hidrop"
 
 def check_hidrop_run(run_dir: str | Path) -> HiDropConfig:
     """The run's config, once the folder is known to hold a finished run."""
-    config = run_config(run_dir, "hidrop")
-    if not (Path(run_dir) / "projector.safetensors").is_file():
-        raise InputError(f"{run_dir} holds no finished HiDrop run (no projector.safetensors)")
-    return config
+    return finished_run_config(run_dir, "hidrop")
 
 
 def load_hidrop_run(run_dir: str | Path, loaded: LoadedModel) -> ScheduledModel:

@@ -1,158 +1,37 @@
-"""`wb train hidrop`: fine-tune the default model's projector and a LoRA with a token schedule active.
-
-It is the default recipe's stage 2 (question/answer conversations on probe scenes, several per
-conversation, answer-only loss) run through `ScheduledLLM`, so the model learns to answer from the
-visual tokens the schedule keeps. The query rows that rank visual tokens at each cut are the token
-before each answer, as HiDrop does in training; the selection passes gradient to the scores
-(`token_schedule.scoring.differentiable_keep`). `--init dense` starts from the trained default model
-(its LoRA merged, a fresh LoRA on top).
-
-The run folder ends with `config.yaml` (the schedule), `recipe.yaml`, `projector.safetensors`,
-`lora/` and `metrics.json`; `efficient_models.hidrop.model.load_hidrop_run` loads them.
+"""`wb train hidrop`: the default model's projector and a fresh LoRA fine-tuned with a HiDrop schedule active
+(`efficient_models.token_schedule.finetune`), so the model learns to answer from the visual tokens the
+schedule keeps; the recipe is `recipe.yaml` beside this file. `efficient_models.hidrop.model.load_hidrop_run`
+loads the run folder.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
 
-import numpy as np
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from torch import nn
 
 from efficient_models.hidrop.config import HiDropConfig
 from efficient_models.hidrop.pyramid import hidrop_schedule
 from efficient_models.registry import RUN_CONFIG
-from efficient_models.token_schedule.engine import ScheduledLLM
-from efficient_models.token_schedule.scheduled_model import answer_loss, visual_tokens_per_image
-from efficient_models.token_schedule.schedule import TokenSchedule
+from efficient_models.token_schedule.finetune import FinetuneRecipe, finetune
+from efficient_models.token_schedule.scheduled_model import visual_tokens_per_image
 from workbench.configs import yaml_text
 from workbench.errors import InputError
-from workbench.files import write_json_atomically
-from workbench.models.loading import default_device, load_model
-from workbench.training.batches import micro_batches, plan_steps
-from workbench.training.features import embeddings_from_features, prepare_features
-from workbench.training.lora import LoraSettings, add_lora, save_projector_and_lora, trainable_parameters
-from workbench.training.loop import TrainingRecord, TrainingResult, open_run, train
-from workbench.training.metrics import hardware, loss_summary, versions
-from workbench.training.optimisation import Optimisation
-from workbench.training.precision import ResolvedPrecision, resolve_precision
-from workbench.training.sequences import qa_conversations, tokenise_conversation
+from workbench.models.loading import load_model
+from workbench.training.loop import TrainingResult
 
 DEFAULT_RECIPE = Path(__file__).with_name("recipe.yaml")
-QA_PACKING_STREAM, STEP_ORDER_STREAM, LORA_INIT_STREAM, STEP_SEED_STREAM = 11, 12, 13, 7
-OUTPUTS = ("projector.safetensors", "lora", "metrics.json")
 
 
-class FinetuneRecipe(BaseModel):
-    """How the schedule is trained in: data, optimisation, LoRA. Unknown keys are refused."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    init: Literal["dense"] = "dense"  # start from the trained default model (its LoRA merged)
-    train_scenes: int = Field(gt=0)
-    feature_batch_size: int = Field(gt=0)
-    conversations_per_step: int = Field(gt=0)
-    micro_batch_size: int = Field(gt=0)
-    max_turns: int = Field(gt=0)
-    single_question_fraction: float = Field(ge=0, le=1)
-    selection_sharpness: float = Field(gt=0)
-    optimisation: Optimisation
-    lora: LoraSettings
-
-
-def load_recipe(path: Path = DEFAULT_RECIPE) -> FinetuneRecipe:
-    try:
-        return FinetuneRecipe.model_validate(yaml.safe_load(Path(path).read_text()))
-    except OSError as error:
-        raise InputError(f"cannot read recipe {path}: {error.strerror}") from None
-    except (yaml.YAMLError, ValidationError) as error:
-        raise InputError(f"invalid recipe {path}: {str(error).splitlines()[0]}") from None
-
-
-def smoke_recipe(recipe: FinetuneRecipe) -> FinetuneRecipe:
-    """4 steps on 8 scenes: checks the wiring and times real steps."""
-    optimisation = recipe.optimisation.model_copy(update={"steps": 4, "warmup_steps": 1, "checkpoint_every": 2})
-    return recipe.model_copy(update={"train_scenes": 8, "optimisation": optimisation})
-
-
-class ScheduledLoss(nn.Module):
-    """`answer_loss` from cached projector inputs: what `wb train hidrop` optimises."""
-
-    def __init__(self, model: nn.Module, engine: ScheduledLLM, features: torch.Tensor):
-        super().__init__()
-        self.model, self.engine = model, engine  # `model` registered so accelerate / DDP see the weights
-        self.register_buffer("features", features, persistent=False)
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, scenes: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        embeddings = embeddings_from_features(self.engine.adapter, input_ids, self.features[scenes].float())
-        return answer_loss(self.engine, embeddings, input_ids, labels, attention_mask)
-
-
-def step_plan(recipe: FinetuneRecipe, scenes, image_tokens: int, processor: Any, pad_token_id: int) -> list:
-    """Steps of micro-batches of question/answer conversations, in a seeded order."""
-    seed, per_step = recipe.optimisation.seed, recipe.conversations_per_step
-    needed = recipe.optimisation.steps * per_step
-    conversations, epoch = [], 0
-    while len(conversations) < needed:
-        for index in map(int, np.random.default_rng([QA_PACKING_STREAM, seed, epoch]).permutation(len(scenes))):
-            rng = np.random.default_rng([QA_PACKING_STREAM, seed, epoch, index])
-            conversations += qa_conversations(index, scenes[index].qa, rng, recipe.max_turns,
-                                              recipe.single_question_fraction)
-        epoch += 1
-    tokenised = [tokenise_conversation(processor, conversation, image_tokens)
-                 for conversation in conversations[:needed]]
-    steps = plan_steps(tokenised, per_step, np.random.default_rng([STEP_ORDER_STREAM, seed]))
-    return [micro_batches(step, recipe.micro_batch_size, pad_token_id, per_token=False) for step in steps]
-
-
-def metrics(record: TrainingRecord, schedule: TokenSchedule, num_visual: int, recipe: FinetuneRecipe,
-            precision: ResolvedPrecision) -> dict[str, Any]:
-    return {"schedule": schedule.describe(num_visual), "average_visual_tokens": schedule.average_visual_tokens(num_visual),
-            "token_layer_fraction": round(schedule.token_layer_fraction(num_visual), 4), "init": recipe.init,
-            "precision": {"requested": recipe.optimisation.precision, "resolved": precision},
-            **loss_summary(record), "hardware": hardware(torch.device("cpu")), "versions": versions()}
-
-
-def train_hidrop(config: HiDropConfig, recipe: FinetuneRecipe, run_dir: Path, resume: bool = True,
-                 threads: int | None = None) -> TrainingResult:
-    """Fine-tune with the schedule of `config` active; see the module docstring."""
-    if threads:
-        torch.set_num_threads(threads)
+def train(config: HiDropConfig, recipe: FinetuneRecipe, run_dir: Path, resume: bool = True) -> TrainingResult:
+    """Fine-tune with the schedule of `config` active."""
     loaded = load_model("default", device="cpu", dtype=torch.float32, attn_implementation="sdpa")
     if config.num_llm_layers != loaded.adapter.num_llm_layers:
         raise InputError(f"the config is for a {config.num_llm_layers}-layer LLM; the default model has "
                          f"{loaded.adapter.num_llm_layers}")
     num_visual = visual_tokens_per_image(loaded)
     schedule = hidrop_schedule(config, num_visual)
-    run_dir = Path(run_dir)
-    saved_beside = {RUN_CONFIG: yaml_text(config, "the schedule these weights are trained with"),
-                    "recipe.yaml": yaml_text(recipe, "wb train hidrop recipe")}
-    # The loop trains on accelerate's device, which is this one.
-    precision = resolve_precision(recipe.optimisation.precision, torch.device(default_device()))
-    with open_run(run_dir, saved_beside, resume, outputs=OUTPUTS):
-        # The frozen vision tower's outputs for the training scenes, cached in the run folder.
-        cached = prepare_features(loaded.adapter, loaded.processor, recipe.train_scenes, recipe.feature_batch_size,
-                                  run_dir, torch.device("cpu"))
-        torch.manual_seed(recipe.optimisation.seed)
-        lora_seed = int(np.random.default_rng([LORA_INIT_STREAM, recipe.optimisation.seed]).integers(2**31))
-        peft_model = add_lora(loaded.adapter, recipe.lora, lora_seed)
-        adapter = loaded.adapter  # LoRA layers now sit inside its modules
-        engine = ScheduledLLM(adapter, schedule, sharpness=recipe.selection_sharpness)
-        plan = step_plan(recipe, cached.scenes, cached.features.shape[1], loaded.processor,
-                         loaded.processor.tokenizer.pad_token_id)
-
-        def write_outputs(record: TrainingRecord) -> None:
-            save_projector_and_lora(run_dir, adapter, peft_model)
-            write_json_atomically(run_dir / "metrics.json", metrics(record, schedule, num_visual, recipe, precision))
-
-        share = schedule.token_layer_fraction(num_visual)
-        optimisation = recipe.optimisation.model_copy(update={"precision": precision})
-        record = train(ScheduledLoss(loaded.model, engine, cached.features), trainable_parameters(loaded.model), plan,
-                       optimisation, run_dir, seed_entropy=(STEP_SEED_STREAM, recipe.optimisation.seed),
-                       description=f"hidrop ({share:.0%} of dense visual-token-layers)", on_finish=write_outputs)
-    summary = metrics(record, schedule, num_visual, recipe, precision)
-    return TrainingResult(run_dir, {"train": record}, summary)
+    share = schedule.token_layer_fraction(num_visual)
+    return finetune(loaded, schedule, recipe, run_dir, {RUN_CONFIG: yaml_text(config, "the schedule these weights "
+                                                                                        "are trained with")},
+                    f"hidrop ({share:.0%} of dense visual-token-layers)", resume)
