@@ -43,7 +43,6 @@ from workbench.models.loading import LoadedModel
 from workbench.store import RunStore
 
 THIRDS = (("top", "middle", "bottom"), ("left", "centre", "right"))
-SUPPORTED_MODEL_TYPES = ("llava",)  # towers called alone with output_hidden_states, patches as a square grid
 
 
 @dataclass(frozen=True)
@@ -70,10 +69,9 @@ def require_probe_scenes(images: ImageSet) -> ImageSet:
 
 
 def check_supported(loaded: LoadedModel) -> None:
-    model_type = loaded.model.config.model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise InputError(f"vision-layers reads the tower's per-layer hidden states, which the {model_type!r} "
-                         f"vision tower does not return; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if not loaded.adapter.tower_hidden_states:
+        raise InputError(f"vision-layers reads the tower's per-layer hidden states, which the "
+                         f"{loaded.model.config.model_type!r} vision tower does not return")
 
 
 def base_layers(loaded: LoadedModel) -> list[int]:

@@ -100,6 +100,9 @@ class ArchitectureAdapter(ABC):
     # Whether token positions are one index per token (rotary over a flat sequence), which token
     # schedules that move tokens between layers rely on; Qwen2-VL's multi-axis positions are not.
     flat_positions: ClassVar[bool] = True
+    # Whether the vision tower, called alone on pixel values, returns its per-layer `hidden_states` over a
+    # square patch grid (the vision-layers analysis reads them); Qwen2-VL's tower takes patches and grids.
+    tower_hidden_states: ClassVar[bool] = True
 
     def __init__(self, model: PreTrainedModel):
         self.model = model

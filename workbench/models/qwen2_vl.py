@@ -25,6 +25,7 @@ class Qwen2VLAdapter(ArchitectureAdapter):
     projector_path = "model.visual.merger"
     language_model_path = "model.language_model"
     flat_positions = False  # M-RoPE: (time, height, width) positions per token
+    tower_hidden_states = False  # its tower's forward(hidden_states, grid_thw) returns no per-layer states
 
     def image_grids(self, inputs: Mapping[str, torch.Tensor]) -> list[tuple[int, int]]:
         merge = self.model.config.vision_config.spatial_merge_size
