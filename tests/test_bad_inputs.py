@@ -17,10 +17,19 @@ from tests.tiny_models import tiny_llava
 LONG_PROMPT = "describe " * 11_000  # about 11,000 tokens; the default model's context is 8,192
 
 
-def _file(tmp_path):
-    path = tmp_path / "a-file"
-    path.write_text("not a folder")
+def _written(tmp_path, name: str, content: str | bytes):
+    """A file named `name` in `tmp_path` holding `content`."""
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return path
+
+
+def _file(tmp_path):
+    return _written(tmp_path, "a-file", "not a folder")
+
+
+def _invalid_config(tmp_path):
+    return _written(tmp_path, "invalid.yaml", "method: fastv\nnum_llm_layers: 30\nkeep: 7\n")
 
 
 def _folder(tmp_path):
@@ -51,28 +60,6 @@ def _imageless_model(tmp_path):
     return path
 
 
-def _corrupt_image(tmp_path):
-    path = tmp_path / "corrupt.png"
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-    return path
-
-
-def _bad_yaml(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("method: hidrop\nnum_llm_layers: [oops\n")
-    return path
-
-
-def _invalid_config(tmp_path):
-    path = tmp_path / "invalid.yaml"
-    path.write_text("method: fastv\nnum_llm_layers: 30\nkeep: 7\n")
-    return path
-
-
-def _tokens_run_folder(tmp_path):
-    return tmp_path / "tokens-run"
-
-
 # (id, args built from tmp_path, a phrase the error line must contain, refused before any model loads)
 CASES = [
     # Found by the hostile-user pass.
@@ -97,7 +84,8 @@ CASES = [
     ("bench-no-variants", lambda t: ["bench", "--variants", ""], "no variants given", True),
     # Already passing: they stay so.
     ("missing-image", lambda t: ["inspect", t / "nope.png"], "image not found", True),
-    ("corrupt-image", lambda t: ["inspect", _corrupt_image(t)], "cannot read image", True),
+    ("corrupt-image", lambda t: ["inspect", _written(t, "corrupt.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40)],
+     "cannot read image", True),
     ("unknown-sample", lambda t: ["inspect", "sample:nope"], "unknown sample", True),
     ("wrong-model-id", lambda t: ["inspect", "sample:astronaut", "--model", "./no/such/model"], "no such folder",
      False),
@@ -114,13 +102,15 @@ CASES = [
                                   "--exit-layers", "a-b"], "bad list", True),
     ("embedlens-without-anchors", lambda t: ["analyze", "tokens", "--images", "probe:2", "--out", t / "run",
                                              "--rule", "embedlens"], "needs anchor ids", True),
-    ("malformed-config-yaml", lambda t: ["bench", "--variants", "dense,fastv", "--config", _bad_yaml(t)], "", True),
+    ("malformed-config-yaml", lambda t: ["bench", "--variants", "dense,fastv", "--config",
+                                          _written(t, "bad.yaml", "method: hidrop\nnum_llm_layers: [oops\n")],
+     "", True),
     ("invalid-config", lambda t: ["bench", "--variants", "dense,fastv", "--config", _invalid_config(t)], "keep",
      True),
     ("export-from-a-missing-run", lambda t: ["export-config", "--run", t / "nope", "--method", "hidrop", "--out",
                                              t / "x.yaml"], "", True),
     ("unfinished-tokens-run", lambda t: ["analyze", "probe", "--images", "probe:2", "--out", t / "probe",
-                                         "--tokens-run", _tokens_run_folder(t)], "", False),
+                                         "--tokens-run", t / "tokens-run"], "not a run folder", True),
 ]
 
 
