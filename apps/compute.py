@@ -118,6 +118,7 @@ def attention_by_layer(loaded: LoadedModel, image: Image.Image, prompt: str) -> 
     """[num_llm_layers, num_visual_tokens]: attention from the text after the image to each visual token,
     averaged over heads and text queries (a row's sum is the share of attention the image gets)."""
     inputs = build_inputs(loaded.processor, [image], [prompt], device=loaded.device)
+    check_fits_context(inputs, loaded.context_length)
     traced = capture(loaded, inputs, CaptureSpec(attention_layers="all", tokens="visual"))
     queries, visual = _post_image_queries(traced), traced.visual_mask[0]
     received = [traced.attentions[layer][0].float().mean(0)[queries][:, visual].mean(0)

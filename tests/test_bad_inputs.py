@@ -163,7 +163,7 @@ def test_a_16_bit_png_reaches_the_model_scaled(tmp_path):
 
 def test_the_app_refuses_a_prompt_longer_than_the_context(default_model, monkeypatch):
     from analyses.tokens import TokenRule
-    from apps.compute import explain_image
+    from apps.compute import attention_by_layer, explain_image
     from workbench.data.image_sets import ImageItem
     from workbench.errors import InputError
 
@@ -171,3 +171,5 @@ def test_the_app_refuses_a_prompt_longer_than_the_context(default_model, monkeyp
     image = Image.new("RGB", (64, 64))
     with pytest.raises(InputError, match="the model's context is 8,192 tokens"):
         explain_image(default_model, TokenRule("embedlens", 3, []), image, LONG_PROMPT, ImageItem("x", lambda: image))
+    with pytest.raises(InputError, match="the model's context is 8,192 tokens"):
+        attention_by_layer(default_model, image, LONG_PROMPT)  # the Layers page's attention heatmap
