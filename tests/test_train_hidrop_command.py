@@ -22,7 +22,7 @@ def recipe_run(tmp_path, monkeypatch, run_wb):
         received.append(recipe)
         steps = recipe.optimisation.steps
         return TrainingResult(run_dir, {"train": TrainingRecord(step=steps, losses=[1.0] * steps,
-                                                                seconds=[0.1] * steps)}, {"schedule": "stub"})
+                                                                seconds=[0.1] * steps)}, {"description": "stub"})
 
     monkeypatch.setattr(training, "train", train)
 

@@ -158,4 +158,5 @@ def finetune(loaded: LoadedModel, schedule: TokenSchedule, recipe: FinetuneRecip
         record = train(ScheduledLoss(loaded.model, engine, cached.features), trainable_parameters(loaded.model), plan,
                        optimisation, run_dir, seed_entropy=(STEP_SEED_STREAM, recipe.optimisation.seed),
                        description=description, on_finish=write_outputs)
-    return TrainingResult(run_dir, {"train": record}, metrics(record, schedule, num_visual, recipe, precision))
+    return TrainingResult(run_dir, {"train": record},
+                          {"description": description} | metrics(record, schedule, num_visual, recipe, precision))

@@ -46,7 +46,7 @@ def finetune_command(method: str, config_class: type, training_module: str, summ
             status_console.print(f"interrupted; `wb train {method} --config {config} --out {out}` continues")
             raise typer.Exit(130) from None
         record, metrics = result.stages["train"], result.metrics
-        console.print(f"{metrics['schedule']}: {record.step} steps, median {record.median_step_seconds:.2f} s/step, "
+        console.print(f"{metrics['description']}: {record.step} steps, median {record.median_step_seconds:.2f} s/step, "
                       f"loss {record.losses[0]:.3f} -> {record.losses[-1]:.3f}; run folder {result.run_dir}")
 
     command.__doc__ = summary
