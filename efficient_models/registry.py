@@ -6,7 +6,9 @@ A method is one subpackage of `efficient_models` whose `__init__` calls `registe
 - optionally, how to check a trained run folder and read the config it was trained with (`check_run`);
 - optionally, how to derive a config from an analysis run (`from_run`), which `wb export-config` uses;
 - optionally, its bench variants: how to build each from a config or a trained run (`Variant`);
-- optionally, its training entry, a typer command function, which becomes `wb train <method>`.
+- optionally, its training entry, a typer command function, which becomes `wb train <method>`;
+- once it has a model (variants or a training entry), which architecture adapters it runs on (`runs_on`),
+  which README's support table reads (`wb support-table`).
 `load_config`, `wb export-config`, the app's export page and FLOPs view, `wb bench --variants` and
 `wb train --help` all read this registry, so adding a method touches no file outside its folder.
 
@@ -33,6 +35,7 @@ from workbench.flops import FlopsCount, ModelShapes
 
 if TYPE_CHECKING:
     from efficient_models.variant import BenchVariant, VariantRequest
+    from workbench.models.adapter import ArchitectureAdapter
     from workbench.store import RunStore
 
 # (config, shapes, text tokens, answer tokens=1, decode steps=1) -> the count of one prompt with one image
@@ -70,6 +73,9 @@ class Method:
     check_run: Callable[[Path], MethodConfig] | None = None  # a trained run folder's config, once it is checked
     # (config, budget) -> the config refitted to `budget` of dense visual-token-layers (`--token-budget`)
     fit_budget: Callable[[Any, float], MethodConfig] | None = None
+    # (adapter class) -> whether the method's model runs on that architecture; None: not declared, which only a
+    # method without a model yet may leave
+    runs_on: Callable[[type[ArchitectureAdapter]], bool] | None = None
 
     def read_run(self, run_dir: Path) -> MethodConfig:
         """The config of a trained run of this method; a wrong or unfinished folder is one `InputError` line."""

@@ -3,7 +3,8 @@
 - workbench: `inspect`, `models`, `data`, `eval`, `bench trace`, `train default`;
 - efficient_models: `train <method>` and `bench` for every registered method, `export-config`;
 - analyses: `analyze ...`;
-- apps: `app`.
+- apps: `app`;
+- the root itself: `support-table`, which reads every floor's registry.
 Every `WorkbenchError`, and every OS error (a path that cannot be read or written), ends the command with
 one line on stderr and exit code 2; tracebacks are kept for real bugs.
 """
@@ -11,6 +12,7 @@ one line on stderr and exit code 2; tracebacks are kept for real bugs.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -45,7 +47,21 @@ def build_app() -> typer.Typer:
     app.command("export-config")(export_command())
     app.add_typer(analyze_app, name="analyze")
     app.command("app")(serve)
+    app.command("support-table")(support_table)
     return app
+
+
+def support_table(
+    readme: Path | None = typer.Option(None, "--readme", help="Rewrite the table between this file's "
+                                       "support-table markers instead of printing it."),
+) -> None:
+    """Which architectures inspect, the analyses, the app, schedules and each method run on, from the registries."""
+    from wb.support_table import render_table, rewrite_readme
+
+    if readme is None:
+        print(render_table())
+    else:
+        print(f"{readme}: support table {'rewritten' if rewrite_readme(readme) else 'already current'}")
 
 
 def main() -> None:

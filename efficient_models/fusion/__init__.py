@@ -42,6 +42,7 @@ def _check_run(run_dir):
 register(Method(
     name="fusion", summary="several vision layers fused at the input or inside the LLM", config=FusionConfig,
     flops=fusion_flops, from_run=_from_run, run_kinds=("vision-layers",), check_run=_check_run,
+    runs_on=lambda adapter: "llava" in adapter.model_classes,  # the family `input_fusion.check_llava` admits
     train=finetune_command("fusion", FusionConfig, "efficient_models.fusion.training",
                            "Fine-tune the default model (projector + LoRA) reading several vision layers at its input."),
     variants=(Variant("fusion", "a trained `wb train fusion` run", _trained, needs="run", of="fusion"),

@@ -171,6 +171,12 @@ class ArchitectureAdapter(ABC):
     def num_vision_layers(self) -> int:
         return len(self.vision_layers)
 
+    # ---- processor --------------------------------------------------------------------
+    def complete_processor(self, processor: Any) -> None:
+        """Set, from the model, what an older saved processor config leaves out or gets wrong, so that the
+        processor lays out the visual tokens the model expects; a family whose processors always say it
+        needs nothing here."""
+
     # ---- visual tokens ----------------------------------------------------------------
     def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Boolean [batch, seq] mask of visual-token positions, from the image-token id."""

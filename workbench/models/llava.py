@@ -2,6 +2,8 @@
 
 LLaVA feeds every image as one square grid of patch tokens (the CLS token dropped by the
 "default" feature-select strategy), so an image's grid is the square root of its token count.
+Older llava-hf processor configs do not say how many tokens that is; `complete_processor`
+counts it on the model.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from PIL import Image
 
 from workbench.models.adapter import ArchitectureAdapter, NonTextRows, register_adapter
 
@@ -42,17 +45,40 @@ class LlavaAdapter(ArchitectureAdapter):
                            f"appended after the base vocabulary of {base} ids: added tokens such as the image "
                            f"token, and padding")
 
+    def complete_processor(self, processor: Any) -> None:
+        """Make the processor expand `<image>` into as many tokens as the model makes features. Older llava-hf
+        processor configs lack `patch_size`, `vision_feature_select_strategy` or `num_additional_image_tokens`
+        (the tower's CLS token, which the "default" strategy then drops), and without them the processor
+        counts 15 tokens for a 4x4 grid. All three are set from the model: the extra tokens by counting the
+        features of one blank image, since only the tower knows whether it has a CLS token."""
+        config = self.model.config
+        side = config.vision_config.image_size
+        pixel_values = processor.image_processor(images=Image.new("RGB", (side, side)),
+                                                 return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            features = len(self.image_features(pixel_values.to(self.model.device))[0])
+        patch = config.vision_config.patch_size
+        grid = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
+        dropped = 1 if config.vision_feature_select_strategy == "default" else 0  # the processor subtracts it
+        processor.patch_size = patch
+        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+        processor.num_additional_image_tokens = features - grid + dropped
+
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Projector outputs [tokens, d] per image, selected as the model's config says."""
+        config = self.model.config
+        return list(self.model.get_image_features(
+            pixel_values=pixel_values.to(self.embed_tokens.weight.dtype), image_sizes=image_sizes,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True).pooler_output)
+
     def input_embeddings(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The LLM's input embeddings [batch, seq, d]: token embeddings, projector outputs at the image tokens."""
         embeddings = self.embed_tokens(inputs["input_ids"])
         if "pixel_values" not in inputs:
             return embeddings
-        config = self.model.config
-        features = self.model.get_image_features(
-            pixel_values=inputs["pixel_values"].to(embeddings.dtype), image_sizes=inputs.get("image_sizes"),
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True).pooler_output
-        features = torch.cat(list(features)).to(embeddings.dtype)
+        features = self.image_features(inputs["pixel_values"], inputs.get("image_sizes"))
+        features = torch.cat(features).to(embeddings.dtype)
         visual = self.visual_token_mask(inputs["input_ids"])
         if int(visual.sum()) != features.shape[0]:
             raise ValueError(f"{int(visual.sum())} image tokens in the prompt but {features.shape[0]} image features")

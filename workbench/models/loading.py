@@ -1,7 +1,9 @@
 """`load_model`: a Hugging Face vision-language model, its processor and its architecture adapter.
 
 `load_model("default")` gives the embedded default model (built from packaged weights, no
-network); any other name is a local folder or a Hugging Face id of a supported family.
+network); any other name is a local folder or a Hugging Face id of a supported family. Folders
+of every vintage load: the processor is built for images and text only (no torchvision), and
+what an older folder leaves out is completed from the model (see `ArchitectureAdapter.complete_processor`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoProcessor, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
 from workbench.models.adapter import ArchitectureAdapter, adapter_class_for, adapter_for
 from workbench.errors import ModelLoadError
@@ -100,10 +103,13 @@ def load_model(
         model, processor = _load_pretrained(name_or_path, dtype, attn_implementation)
         notes = []
     model = model.to(device).eval()
+    adapter = adapter_for(model)
+    if name_or_path != DEFAULT_MODEL_NAME:  # the default model's processor is built to match it
+        adapter.complete_processor(processor)
     return LoadedModel(
         model=model,
         processor=processor,
-        adapter=adapter_for(model),
+        adapter=adapter,
         name=name_or_path,
         notes=notes,
         load_seconds=time.perf_counter() - started,
@@ -122,21 +128,60 @@ def _load_pretrained(name_or_path: str, dtype: torch.dtype, attn_implementation:
     except (OSError, ValueError) as error:
         if Path(name_or_path).is_dir():
             raise ModelLoadError(f"cannot load model folder {name_or_path}: its config.json cannot be read "
-                                 f"({type(error).__name__}: {_first_line(error)})") from None
+                                 f"({type(error).__name__}: {_reason(error)})") from None
         raise ModelLoadError(
             f"cannot load model {name_or_path!r}: not a local model folder, and the hub has no such id "
             f"or cannot be reached ({type(error).__name__}); pass a local path, a valid id, or 'default'"
         ) from None
     adapter_cls = adapter_class_for(config.model_type)
     ArchitectureAdapter._find_image_token_id(config)  # refuse text-only models before loading weights
+    try:  # the processor first: a missing tokenizer should not wait for the weights to load
+        processor = _image_text_processor_class(config.model_type).from_pretrained(name_or_path)
+    except (OSError, ValueError, ImportError) as error:
+        raise ModelLoadError(f"cannot load model {name_or_path!r} (its tokenizer or image processor): "
+                             f"{_reason(error)}") from None
     model_cls = getattr(transformers, adapter_cls.model_classes[config.model_type])
     try:
         model = model_cls.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
-        processor = AutoProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError, ImportError) as error:
-        raise ModelLoadError(f"cannot load model {name_or_path!r}: {_first_line(error)}") from None
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {_reason(error)}") from None
+    _fill_generation_token_ids(model)
     return model, processor
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+def _image_text_processor_class(model_type: str) -> type:
+    """The family's processor class, without its video processor where it has one: transformers builds that
+    one on torchvision, which the workbench's install must not have and its image-only work never uses.
+    Its image processor then resolves to the PIL backend."""
+    processor_class = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
+    attributes = processor_class.get_attributes()
+    if "video_processor" not in attributes:
+        return processor_class
+    # `ProcessorMixin` loads, checks and stores exactly the sub-processors `get_attributes` names, and the
+    # family's `__init__` already defaults `video_processor` to None.
+    image_text = [name for name in attributes if name != "video_processor"]
+    return type(processor_class.__name__, (processor_class,), {"get_attributes": classmethod(lambda cls: image_text)})
+
+
+def _fill_generation_token_ids(model: PreTrainedModel) -> None:
+    """Take special token ids the generation config lacks from the model config. llava-hf folders saved before
+    `generation_config.json` existed keep the end-of-sequence id only in their text config, and generation
+    cannot stop without it."""
+    generation = model.generation_config
+    configs = (model.config, model.config.get_text_config())
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(generation, key, None) is None:
+            setattr(generation, key, next((getattr(c, key) for c in configs if getattr(c, key, None) is not None),
+                                          None))
+
+
+def _reason(error: Exception) -> str:
+    """One line for the user: the error's first non-empty line (transformers' ImportErrors start with a
+    newline), naming the missing package for an ImportError that says it only in its attributes."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = lines[0] if lines else type(error).__name__
+    if len(lines) > 1 and ". " in line:  # transformers wraps its messages mid-sentence: end at a full stop
+        line = line[: line.rindex(". ") + 1]
+    if isinstance(error, ImportError) and error.name and error.name not in line:
+        return f"missing package {error.name!r}: {line}"
+    return line

@@ -1,0 +1,18 @@
+"""What each `wb analyze` command needs of a model's architecture adapter, for README's support table.
+
+Each entry names the adapter flags (`ArchitectureAdapter` class attributes) without which the analysis refuses
+the model; an analysis that needs none traces any adapter's model. tests/test_support_table.py checks that
+every `wb analyze` command is listed here.
+"""
+
+from __future__ import annotations
+
+ANALYSIS_NEEDS: dict[str, tuple[str, ...]] = {
+    "tokens": (),
+    "probe": ("flat_positions",),  # its VQA keeps only alive tokens by a token schedule
+    "alignment": (),
+    "similarity": ("flat_positions",),  # the image's effect is measured against a schedule without visual tokens
+    "vision-layers": ("tower_hidden_states",),
+    "interventions": ("flat_positions",),  # removal, exit and injection are token schedules
+    "report": (),  # reads finished runs only
+}
