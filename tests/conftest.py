@@ -49,7 +49,7 @@ def run_wb(monkeypatch, capsys):
 
     def run(*args: str, model: LoadedModel | None = None) -> tuple[int, str, str]:
         if model is not None:
-            monkeypatch.setattr("workbench.models.loading.load_model", lambda name: model)
+            monkeypatch.setattr("workbench.models.loading.load_model", lambda name, **options: model)
         monkeypatch.setattr(sys, "argv", ["wb", *args])
         with pytest.raises(SystemExit) as exit_info:
             main()

@@ -109,6 +109,10 @@ CASES = [
      True),
     ("export-from-a-missing-run", lambda t: ["export-config", "--run", t / "nope", "--method", "hidrop", "--out",
                                              t / "x.yaml"], "", True),
+    ("eval-weights-not-a-run", lambda t: ["eval", "vqa", "--n", "1", "--weights", _folder(t)],
+     "holds no trained projector", False),
+    ("eval-weights-for-another-model", lambda t: ["eval", "vqa", "--n", "1", "--model", _garbage_model(t),
+                                                  "--weights", _folder(t)], "default model only", False),
     ("unfinished-tokens-run", lambda t: ["analyze", "probe", "--images", "probe:2", "--out", t / "probe",
                                          "--tokens-run", t / "tokens-run"], "not a run folder", True),
 ]

@@ -170,6 +170,41 @@ def test_trained_projector_is_loaded(default_model, tmp_path: Path) -> None:
     assert torch.equal(loaded.model.multi_modal_projector.linear_2.bias, trained["multi_modal_projector.linear_2.bias"])
 
 
+def test_a_projector_trained_on_other_vision_layers_and_image_size_sets_both_on_load(default_model, tmp_path) -> None:
+    model, _, _ = default_model
+    projector = model.model.multi_modal_projector
+    width = model.config.vision_config.hidden_size
+    torch.manual_seed(0)
+    trained = {"multi_modal_projector.linear_1.weight": torch.randn(projector.linear_1.out_features, 2 * width) / 30,
+               "multi_modal_projector.linear_1.bias": torch.zeros(projector.linear_1.out_features),
+               **{f"multi_modal_projector.{name}": tensor for name, tensor in projector.linear_2.state_dict(
+                   prefix="linear_2.").items()}}
+    save_file(trained, tmp_path / "projector.safetensors",
+              metadata={"vision_feature_layer": "[3, -1]", "image_size": "112"})
+    loaded, processor, info = dm.load_default_model(weights_dir=tmp_path)
+    assert info.projector_trained and loaded.config.vision_feature_layer == [3, -1]
+    assert loaded.model.multi_modal_projector.linear_1.in_features == 2 * width
+    inputs = processor(images=Image.new("RGB", (224, 224), "red"), text="<image>What colour?", return_tensors="pt")
+    assert inputs["pixel_values"].shape[-2:] == (112, 112)
+    assert int((inputs["input_ids"] == loaded.config.image_token_id).sum()) == 64  # 8 x 8 patches of 14 px
+    with torch.no_grad():
+        logits = loaded(**inputs).logits
+    assert logits.shape[1] == inputs["input_ids"].shape[1] and torch.isfinite(logits).all()
+
+
+def test_load_model_applies_the_weights_of_a_run_folder_instead_of_the_shipped_ones(default_model, tmp_path) -> None:
+    from workbench.models.loading import load_model
+
+    model, _, _ = default_model
+    trained = {f"multi_modal_projector.{name}": torch.full_like(tensor, 0.25)
+               for name, tensor in model.model.multi_modal_projector.state_dict().items()}
+    save_file(trained, tmp_path / "projector.safetensors")
+    loaded = load_model("default", device="cpu", default_weights=tmp_path)
+    assert torch.equal(loaded.model.model.multi_modal_projector.linear_2.bias,
+                       trained["multi_modal_projector.linear_2.bias"])
+    assert any(str(tmp_path) in note for note in loaded.notes)
+
+
 def test_lora_adapter_is_merged_on_load(default_model, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -27,14 +28,20 @@ from workbench.models.inputs import format_prompt
 from workbench.default_recipe import install
 from workbench.default_recipe.install import install_run
 from workbench.default_recipe.recipe import RecipeConfig, RecipeError, load_recipe, parse_recipe
-from workbench.default_recipe.train import STEP_SEED_STREAM, supervised_logits, train_default_model
+from workbench.default_recipe.train import (
+    STEP_SEED_STREAM,
+    stage_conversations,
+    supervised_logits,
+    train_default_model,
+)
 from workbench.errors import WorkbenchError
 from workbench.files import LOCK_FILE
 from workbench.models.loading import default_device
 from workbench.training import loop
 from workbench.training.batches import collate
-from workbench.training.features import projector_inputs
+from workbench.training.features import FeatureScale, SceneText, projector_inputs
 from workbench.training.precision import resolve_precision
+from workbench.models.visual_input import VisualInput, visual_input_from_metadata
 from workbench.training.sequences import (
     IGNORE_INDEX,
     Conversation,
@@ -230,6 +237,51 @@ def test_training_reduces_the_loss_in_both_stages(tmp_path, monkeypatch, tiny_lo
     assert metrics["stages"]["stage2"]["answers"] > metrics["stages"]["stage2"]["conversations"]
     assert {"cpu", "cpu_cores", "gpu"} <= set(metrics["hardware"])
     assert metrics["precision"] == {"requested": "auto", "resolved": "fp32"}
+
+
+def test_simple_scenes_first_orders_the_first_pass_by_object_count():
+    scenes = [SceneText(scene.seed, scene.caption, scene.qa, len(scene.objects)) for scene in iter_split("train", 24)]
+    config = tiny_recipe()
+    one_pass = sum(len(qa_conversations(0, scene.qa, np.random.default_rng(0), config.stage2.max_turns, 0.0))
+                   for scene in scenes)
+    config = config.model_copy(update={"stage2": config.stage2.model_copy(update={
+        "steps": one_pass, "conversations_per_step": 1, "single_question_fraction": 0.0})})
+
+    def object_counts(simple_first: bool) -> list[int]:
+        stage2 = config.stage2.model_copy(update={"simple_scenes_first": simple_first})
+        conversations = stage_conversations(config.model_copy(update={"stage2": stage2}), "stage2", scenes)
+        return [scenes[conversation.scene].num_objects for conversation in conversations]
+
+    curriculum, shuffled = object_counts(True), object_counts(False)
+    assert curriculum == sorted(curriculum) and sorted(shuffled) == curriculum  # the same answers, reordered
+    assert shuffled != curriculum
+
+
+def test_a_folded_feature_scale_makes_the_projector_take_raw_features():
+    torch.manual_seed(0)
+    features = torch.randn(3, 16, 8) * torch.tensor([0.5, 1, 2, 4, 8, 16, 32, 64]) + 3  # layers of unequal norm
+    scale = FeatureScale.of(features)
+    standardised = scale.standardise(features).reshape(-1, 8)
+    torch.testing.assert_close(standardised.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(standardised.std(0), torch.ones(8), atol=1e-5, rtol=0)
+    linear = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        trained = linear(scale.standardise(features))
+        scale.fold_into(linear)
+        torch.testing.assert_close(linear(features), trained, atol=1e-4, rtol=1e-4)
+
+
+def test_a_recipe_reading_several_vision_layers_trains_a_projector_that_records_them(tmp_path, tiny_loader):
+    config = tiny_recipe().model_copy(update={"vision_feature_layer": [0, -1], "standardise_features": True})
+    short = {"steps": 1, "warmup_steps": 0}
+    config = config.model_copy(update={"stage1": config.stage1.model_copy(update=short),
+                                       "stage2": config.stage2.model_copy(update=short)})
+    train_default_model(config, tmp_path, base_model_loader=tiny_loader)
+    with safe_open(tmp_path / "projector.safetensors", framework="pt") as projector:
+        assert visual_input_from_metadata(projector.metadata()) == VisualInput([0, -1], 224)
+        assert projector.get_slice("multi_modal_projector.linear_1.weight").get_shape()[1] == 2 * 24
+    with safe_open(tmp_path / "features.safetensors", framework="pt") as cache:
+        assert cache.get_slice("features").get_shape()[-1] == 2 * 24  # the cache holds both layers
 
 
 def test_a_run_records_the_requested_and_the_resolved_precision(finished_run, tmp_path, tiny_loader):

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -139,6 +140,7 @@ def test_scheduled_loss_trains_through_a_pruning_schedule(tmp_path):
 
 
 def test_a_runs_projector_and_lora_are_whole_files_with_the_umasks_mode(tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from workbench.training.lora import LoraSettings, add_lora, save_projector_and_lora
@@ -146,15 +148,18 @@ def test_a_runs_projector_and_lora_are_whole_files_with_the_umasks_mode(tmp_path
     model = tiny_llava(num_layers=1)
     adapter = adapter_for(model)
     peft_model = add_lora(adapter, LoraSettings(rank=2, alpha=4, dropout=0.0, target_modules=["q_proj"]), seed=0)
+    processor = SimpleNamespace(image_processor=SimpleNamespace(crop_size={"height": 28, "width": 28}))
     previous = os.umask(0o022)
     try:
-        save_projector_and_lora(tmp_path, adapter, peft_model)
+        save_projector_and_lora(tmp_path, adapter, peft_model, processor)
     finally:
         os.umask(previous)
     written = [tmp_path / "projector.safetensors", *sorted((tmp_path / "lora").iterdir())]
     assert {path.name for path in written} >= {"projector.safetensors", "adapter_model.safetensors",
                                                "adapter_config.json"}
     assert all(path.stat().st_mode & 0o777 == 0o644 for path in written)  # safetensors alone makes them 0600
+    with safe_open(tmp_path / "projector.safetensors", framework="pt") as saved:  # what the projector reads
+        assert saved.metadata() == {"vision_feature_layer": str(model.config.vision_feature_layer), "image_size": "28"}
     projector = load_file(tmp_path / "projector.safetensors")
     expected = adapter.projector.state_dict()
     assert projector.keys() == {"multi_modal_projector." + name for name in expected}

@@ -15,12 +15,12 @@ status_console = Console(stderr=True)
 MODEL_OPTION = typer.Option("default", "--model", "-m", help="'default', a local folder or a Hugging Face id.")
 
 
-def load_with_notes(name: str):
-    """`load_model(name)` behind a spinner, printing the model's notes (e.g. untrained weights)."""
+def load_with_notes(name: str, **options):
+    """`load_model(name, **options)` behind a spinner, printing the model's notes (e.g. untrained weights)."""
     from workbench.models.loading import load_model
 
     with status_console.status(f"loading model {name} ..."):
-        loaded = load_model(name)
+        loaded = load_model(name, **options)
     for note in loaded.notes:
         status_console.print(f"[yellow]note:[/] {note}")
     return loaded

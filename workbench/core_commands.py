@@ -125,11 +125,13 @@ def eval_vqa(
     n: int = typer.Option(500, min=1, help="How many questions, balanced over question types."),
     batch_size: int = typer.Option(8, min=1),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    weights: Path | None = typer.Option(None, "--weights", help="A `wb train default` run folder: the default "
+                                        "model with its projector and LoRA instead of the shipped ones."),
 ) -> None:
     """Exact-match accuracy on probe-scene questions, next to no-vision and majority-answer references."""
     from workbench.evaluation.vqa import evaluate_vqa
 
-    loaded = load_with_notes(model)
+    loaded = load_with_notes(model, default_weights=weights)
     with Progress(console=status_console, transient=True) as progress:
         task = progress.add_task("answering (model, then no vision)", total=2 * n)
         report = evaluate_vqa(loaded, split=split, n=n, batch_size=batch_size,

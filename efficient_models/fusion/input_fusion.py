@@ -9,11 +9,11 @@ runs on it unchanged. Whole-stage groups (averaged first) cannot be written as t
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 from efficient_models.fusion.layer_sets import Group
 from workbench.errors import InputError
+from workbench.models.visual_input import read_vision_layers
 
 
 def check_llava(model: PreTrainedModel) -> None:
@@ -35,15 +35,11 @@ def fuse_at_input(model: PreTrainedModel, groups: list[Group]) -> PreTrainedMode
     if averaged:
         raise InputError(f"input fusion takes single layers; {averaged[0]} is a whole stage (averaged groups "
                          "need mode 'internal' for now)")
-    projector = model.model.multi_modal_projector
-    old = projector.linear_1
-    wide = nn.Linear(old.in_features * len(groups), old.out_features, bias=old.bias is not None,
-                     device=old.weight.device, dtype=old.weight.dtype)
+    old = read_vision_layers(model, list(groups))
+    wide = model.model.multi_modal_projector.linear_1
     with torch.no_grad():
         wide.weight.zero_()
         wide.weight[:, -old.in_features:] = old.weight  # the base is the last group
         if old.bias is not None:
             wide.bias.copy_(old.bias)
-    projector.linear_1 = wide
-    model.config.vision_feature_layer = list(groups)  # LlavaModel reads it (shared config object) at every call
     return model

@@ -74,6 +74,6 @@ def load_fusion_run(run_dir: str | Path, loaded: LoadedModel) -> FusedModel:
     config = check_fusion_run(run_dir)
     groups = fusion_groups(loaded, config)
     apply_fusion(loaded, groups, config.mode)
-    model, _, _ = apply_trained_weights(loaded.model, run_dir)
+    model, _, _ = apply_trained_weights(loaded.model, loaded.processor, run_dir)
     tuned = LoadedModel.from_model(model, loaded.processor, name=f"{loaded.name}+{run_dir.name}")
     return FusedModel(tuned, dense(tuned.adapter.num_llm_layers), "fusion", config=config, groups=groups)

@@ -34,6 +34,6 @@ def load_hidrop_run(run_dir: str | Path, loaded: LoadedModel) -> ScheduledModel:
     """
     run_dir = Path(run_dir)
     config = check_hidrop_run(run_dir)
-    model, _, _ = apply_trained_weights(loaded.model, run_dir)
+    model, _, _ = apply_trained_weights(loaded.model, loaded.processor, run_dir)
     tuned = LoadedModel.from_model(model, loaded.processor, name=f"{loaded.name}+{run_dir.name}")
     return hidrop_model(tuned, config, name="hidrop")

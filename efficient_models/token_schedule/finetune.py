@@ -151,7 +151,7 @@ def finetune(loaded: LoadedModel, schedule: TokenSchedule, recipe: FinetuneRecip
                          loaded.processor.tokenizer.pad_token_id)
 
         def write_outputs(record: TrainingRecord) -> None:
-            save_projector_and_lora(run_dir, adapter, peft_model)
+            save_projector_and_lora(run_dir, adapter, peft_model, loaded.processor)
             write_json_atomically(run_dir / "metrics.json", metrics(record, schedule, num_visual, recipe, precision))
 
         optimisation = recipe.optimisation.model_copy(update={"precision": precision})

@@ -35,6 +35,7 @@ class StageConfig(AdamWSchedule):
 class QAStageConfig(StageConfig):
     max_turns: int = Field(gt=0)
     single_question_fraction: float = Field(ge=0, le=1)
+    simple_scenes_first: bool  # a curriculum: the first pass over the scenes goes from 1 object to 4
     lora: LoraSettings
 
 
@@ -44,6 +45,10 @@ class RecipeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int
+    # The vision-tower `hidden_states` the projector reads: one index, or several concatenated along channels.
+    vision_feature_layer: int | list[int]
+    image_size: int = Field(gt=0)  # px; a multiple of the tower's patch size (14): (size / 14)^2 visual tokens
+    standardise_features: bool  # train the projector on per-channel standardised features (`FeatureScale`)
     train_scenes: int = Field(gt=0)
     precision: Precision
     threads: PositiveInt | None  # None: one per CPU core

@@ -32,8 +32,9 @@ from workbench.files import write_json_atomically
 from workbench.models.adapter import ArchitectureAdapter, adapter_for
 from workbench.models.default_model import build_default_model
 from workbench.models.loading import default_device
+from workbench.models.visual_input import VisualInput, apply_visual_input
 from workbench.training.batches import micro_batches, plan_steps, supervised_count
-from workbench.training.features import SceneText, embeddings_from_features, prepare_features
+from workbench.training.features import FeatureScale, SceneText, embeddings_from_features, prepare_features
 from workbench.training.lora import add_lora, save_projector_and_lora, trainable_parameters
 from workbench.training.loop import Step, TrainingRecord, TrainingResult, finished_record, open_run, train
 from workbench.training.metrics import hardware, loss_summary, versions
@@ -81,8 +82,10 @@ def stage_conversations(config: RecipeConfig, stage: StageName, scenes: Sequence
     epoch = 0
     while len(conversations) < needed:
         order = np.random.default_rng([SCENE_ORDER_STREAM, config.seed, stage_number(stage), epoch]).permutation(
-            len(scenes))
-        for index in map(int, order):
+            len(scenes)).tolist()
+        if stage == "stage2" and epoch == 0 and config.stage2.simple_scenes_first:
+            order.sort(key=lambda index: scenes[index].num_objects)  # stable: random within each count
+        for index in order:
             if stage == "stage1":
                 conversations.append(caption_conversation(index, scenes[index].caption))
             else:
@@ -186,11 +189,15 @@ def run_stages(config: RecipeConfig, run_dir: Path, base_model_loader: BaseModel
     device = torch.device(default_device())
     precision = resolve_precision(config.precision, device)
     model, processor = base_model_loader()
+    # A fresh first projector linear for other vision layers, seeded by the recipe.
+    apply_visual_input(model, processor, VisualInput(config.vision_feature_layer, config.image_size))
     model.to(device).eval()
     adapter = adapter_for(model)
     cached = prepare_features(adapter, processor, config.train_scenes, config.feature_batch_size, run_dir, device)
     model.train()  # for LoRA dropout; the LLM itself has none
-    loss = CachedFeatureLoss(adapter, cached.features.to(device))
+    scale = FeatureScale.of(cached.features) if config.standardise_features else None
+    features = scale.standardise(cached.features) if scale else cached.features
+    loss = CachedFeatureLoss(adapter, features.to(device))
     pad = processor.tokenizer.pad_token_id
     records: dict[str, TrainingRecord] = {}
     stage_metrics_by_name: dict[str, dict[str, Any]] = {}
@@ -209,6 +216,8 @@ def run_stages(config: RecipeConfig, run_dir: Path, base_model_loader: BaseModel
                                description=f"{stage} ({STAGE_TITLES[stage]})")
         stage_metrics_by_name[stage] = stage_metrics(records[stage], conversations, config, stage)
     metrics = run_metrics(config, stage_metrics_by_name, cached.seconds, device, precision)
-    save_projector_and_lora(run_dir, adapter, peft_model)
+    if scale:
+        scale.fold_into(adapter.projector.linear_1)
+    save_projector_and_lora(run_dir, adapter, peft_model, processor)
     write_json_atomically(run_dir / "metrics.json", metrics)
     return TrainingResult(run_dir, records, metrics)

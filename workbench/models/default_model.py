@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors import safe_open
 from transformers import (
     AutoProcessor,
     AutoTokenizer,
@@ -38,6 +38,7 @@ from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPi
 
 from workbench.errors import ModelLoadError
 from workbench.models.dinov2_onnx import convert_dinov2_from_onnx
+from workbench.models.visual_input import apply_visual_input, visual_input_from_metadata
 
 __all__ = [
     "DefaultModelInfo",
@@ -260,9 +261,15 @@ def build_default_model(force: bool = False, progress: Callable[[str], object] =
     return cache_dir
 
 
-def load_trained_projector(model: LlavaForConditionalGeneration, projector_file: Path) -> None:
+def load_trained_projector(model: LlavaForConditionalGeneration, processor: LlavaProcessor,
+                           projector_file: Path) -> None:
+    """Load a trained projector, first making model and processor read what it was trained on (vision layers,
+    image size)."""
     prefix = "multi_modal_projector."
-    state = {name.removeprefix(prefix): tensor for name, tensor in load_file(projector_file).items()}
+    with safe_open(projector_file, framework="pt") as weights:
+        visual_input = visual_input_from_metadata(weights.metadata())
+        state = {name.removeprefix(prefix): weights.get_tensor(name) for name in weights.keys()}
+    apply_visual_input(model, processor, visual_input)
     try:
         model.model.multi_modal_projector.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -272,13 +279,14 @@ def load_trained_projector(model: LlavaForConditionalGeneration, projector_file:
 
 
 def apply_trained_weights(
-    model: LlavaForConditionalGeneration, weights_dir: Path
+    model: LlavaForConditionalGeneration, processor: LlavaProcessor, weights_dir: Path
 ) -> tuple[LlavaForConditionalGeneration, bool, bool]:
-    """Apply a trained projector and LoRA adapter when present; return (model, projector_trained, lora_loaded)."""
+    """Apply a trained projector (setting model and processor to its input) and LoRA adapter when present;
+    return (model, projector_trained, lora_loaded)."""
     projector_file = weights_dir / "projector.safetensors"
     projector_trained = projector_file.is_file()
     if projector_trained:
-        load_trained_projector(model, projector_file)
+        load_trained_projector(model, processor, projector_file)
     lora_dir = weights_dir / "lora"
     lora_loaded = (lora_dir / "adapter_config.json").is_file()
     if lora_loaded:
@@ -300,7 +308,7 @@ def load_default_model(
         cache_dir, dtype=dtype, attn_implementation=attn_implementation
     )
     processor = AutoProcessor.from_pretrained(cache_dir)
-    model, projector_trained, lora_loaded = apply_trained_weights(model, weights_dir)
+    model, projector_trained, lora_loaded = apply_trained_weights(model, processor, weights_dir)
     warning = None
     if not projector_trained:
         warning = (

@@ -88,17 +88,30 @@ def load_model(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
+    default_weights: Path | None = None,
 ) -> LoadedModel:
-    """Load a supported vision-language model; raise `ModelLoadError` with a one-line reason."""
+    """Load a supported vision-language model; raise `ModelLoadError` with a one-line reason.
+
+    `default_weights`: a `wb train default` run folder whose projector and LoRA the default model applies
+    instead of the shipped ones (to evaluate a run before installing it).
+    """
     device = device or default_device()
     attn_implementation = attn_implementation or default_attn_implementation(device)
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     started = time.perf_counter()
     if name_or_path == DEFAULT_MODEL_NAME:
-        from workbench.models.default_model import load_default_model
+        from workbench.models.default_model import DEFAULT_WEIGHTS_DIR, load_default_model
 
-        model, processor, info = load_default_model(dtype=dtype, attn_implementation=attn_implementation)
+        if default_weights is not None and not (Path(default_weights) / "projector.safetensors").is_file():
+            raise ModelLoadError(f"{default_weights} holds no trained projector (projector.safetensors); "
+                                 "give a finished `wb train default` run folder")
+        model, processor, info = load_default_model(dtype=dtype, attn_implementation=attn_implementation,
+                                                    weights_dir=Path(default_weights or DEFAULT_WEIGHTS_DIR))
         notes = [info.warning] if info.warning else []
+        if default_weights is not None:
+            notes.append(f"the default model with the weights of {default_weights}, not the shipped ones")
+    elif default_weights is not None:
+        raise ModelLoadError(f"weights from {default_weights} apply to the default model only, not {name_or_path!r}")
     else:
         model, processor = _load_pretrained(name_or_path, dtype, attn_implementation)
         notes = []

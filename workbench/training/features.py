@@ -1,7 +1,8 @@
 """The frozen vision tower's output for a run's training scenes, computed once and cached beside the run.
 
-The cache (float16 safetensors + the scenes' texts as JSONL) is keyed by the split, the scene count and
-a fingerprint of the vision tower, so a cache from another model or recipe is recomputed, not reused.
+The cache (float16 safetensors + the scenes' texts and object counts as JSONL) is keyed by the split, the
+scene count, a fingerprint of the vision tower and its feature layers, and the image size, so a cache from
+another model or recipe is recomputed, not reused. `FeatureScale` standardises the cached features per channel.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import safe_open, save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.data.probe_scenes import QAPair, iter_split, scene_seed
@@ -59,6 +61,7 @@ class SceneText:
     seed: int
     caption: str
     qa: list[QAPair]
+    num_objects: int  # shapes in the scene (what a curriculum orders by)
 
 
 @dataclass
@@ -68,9 +71,11 @@ class CachedFeatures:
     seconds: float  # how long extracting them took, when they were computed
 
 
-def feature_metadata(train_scenes: int, fingerprint: str) -> dict[str, str]:
+def feature_metadata(train_scenes: int, fingerprint: str, processor: Any) -> dict[str, str]:
+    """The cache key: which scenes, which tower and layers, and the image size the processor crops to."""
+    crop = getattr(processor.image_processor, "crop_size", None)
     return {"split": TRAIN_SPLIT, "first_seed": str(scene_seed(TRAIN_SPLIT, 0)), "scenes": str(train_scenes),
-            "vision": fingerprint}
+            "vision": fingerprint, "crop_size": str(dict(crop) if crop else None)}
 
 
 def read_cached_features(run_dir: Path, metadata: dict[str, str]) -> CachedFeatures | None:
@@ -83,8 +88,11 @@ def read_cached_features(run_dir: Path, metadata: dict[str, str]) -> CachedFeatu
         if saved != metadata:
             return None
         features = cache.get_tensor("features")
-    scenes = [SceneText(record["seed"], record["caption"], [QAPair(**pair) for pair in record["qa"]])
-              for record in map(json.loads, scenes_path.read_text().splitlines())]
+    records = [json.loads(line) for line in scenes_path.read_text().splitlines()]
+    if any("num_objects" not in record for record in records):
+        return None  # a cache from before scenes recorded their object count
+    scenes = [SceneText(record["seed"], record["caption"], [QAPair(**pair) for pair in record["qa"]],
+                        record["num_objects"]) for record in records]
     return CachedFeatures(scenes, features, seconds)
 
 
@@ -101,7 +109,8 @@ def extract_features(adapter: ArchitectureAdapter, processor: Any, train_scenes:
             pixel_values = processor.image_processor([scene.image for scene in batch], return_tensors="pt")
             chunks.append(projector_inputs(adapter, pixel_values["pixel_values"].to(device)).half().cpu())
             texts += [json.dumps({"seed": scene.seed, "caption": scene.caption,
-                                  "qa": [asdict(pair) for pair in scene.qa]}) for scene in batch]
+                                  "qa": [asdict(pair) for pair in scene.qa], "num_objects": len(scene.objects)})
+                      for scene in batch]
             progress.update(len(batch))
     write_text_atomically(run_dir / SCENES_FILE, "\n".join(texts) + "\n")
     stamped = metadata | {SECONDS_KEY: f"{time.perf_counter() - started:.1f}"}
@@ -113,12 +122,42 @@ def prepare_features(adapter: ArchitectureAdapter, processor: Any, train_scenes:
                      device: torch.device) -> CachedFeatures:
     """The first `train_scenes` train scenes' texts and vision features, from the cache in `run_dir` (computed
     first if it is missing or was made by another vision tower)."""
-    metadata = feature_metadata(train_scenes, vision_fingerprint(adapter))
+    metadata = feature_metadata(train_scenes, vision_fingerprint(adapter), processor)
     cached = read_cached_features(run_dir, metadata)
     if cached is None:
         extract_features(adapter, processor, train_scenes, batch_size, run_dir, metadata, device)
         cached = read_cached_features(run_dir, metadata)  # train on what the cache holds, resumed or not
     return cached
+
+
+@dataclass
+class FeatureScale:
+    """Per-channel mean and standard deviation of cached projector inputs.
+
+    Training the projector on standardised features gives every channel the same footing under Adam; that
+    matters when several vision layers are concatenated, whose norms differ by 50x on DINOv2 (0.8 at layer
+    3, 42 at layer 12), so that the quiet layers' columns would otherwise learn last. `fold_into` then
+    rewrites the first linear to take the raw features, so the saved model needs no extra module.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def of(cls, features: torch.Tensor) -> FeatureScale:
+        flat = features.float().reshape(-1, features.shape[-1])
+        return cls(flat.mean(0), flat.std(0).clamp_min(1e-4))  # the floor guards channels that never vary
+
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        return ((features.float() - self.mean) / self.std).to(features.dtype)
+
+    def fold_into(self, linear: nn.Linear) -> None:
+        """Make `linear` compute on raw features what it computed on standardised ones: W x' + b with
+        x' = (x - mean) / std is (W / std) x + (b - (W / std) mean)."""
+        with torch.no_grad():
+            weight = linear.weight / self.std.to(linear.weight)
+            linear.weight.copy_(weight)
+            linear.bias.sub_(weight @ self.mean.to(weight))
 
 
 def embeddings_from_features(adapter: ArchitectureAdapter, input_ids: torch.Tensor,

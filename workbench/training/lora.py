@@ -7,6 +7,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import peft
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from workbench.files import write_atomically
 from workbench.models.adapter import ArchitectureAdapter
+from workbench.models.visual_input import visual_input_metadata
 
 PROJECTOR_PREFIX = "multi_modal_projector."  # the key format the default model's loader expects
 
@@ -47,12 +49,16 @@ def add_lora(adapter: ArchitectureAdapter, settings: LoraSettings, seed: int) ->
     return peft_model
 
 
-def save_projector_and_lora(run_dir: Path, adapter: ArchitectureAdapter, peft_model: peft.PeftModel) -> None:
-    """A finished run's weights: `projector.safetensors` and the `lora/` adapter folder. Each file goes through
-    `write_atomically`, so it is whole and gets the umask's mode (safetensors and peft create theirs 0600)."""
+def save_projector_and_lora(run_dir: Path, adapter: ArchitectureAdapter, peft_model: peft.PeftModel,
+                            processor: Any) -> None:
+    """A finished run's weights: `projector.safetensors` (recording what it reads: vision layers, image size) and the `lora/`
+    adapter folder. Each file goes through `write_atomically`, so it is whole and gets the umask's mode
+    (safetensors and peft create theirs 0600)."""
     projector = {PROJECTOR_PREFIX + name: tensor.detach().cpu().contiguous()
                  for name, tensor in adapter.projector.state_dict().items()}
-    write_atomically(run_dir / "projector.safetensors", lambda target: save_file(projector, str(target)))
+    metadata = visual_input_metadata(adapter.model, processor)
+    write_atomically(run_dir / "projector.safetensors",
+                     lambda target: save_file(projector, str(target), metadata=metadata))
     lora = run_dir / "lora"
     lora.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=run_dir) as staging:
