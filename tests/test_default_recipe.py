@@ -257,6 +257,12 @@ def test_simple_scenes_first_orders_the_first_pass_by_object_count():
     assert shuffled != curriculum
 
 
+def test_an_image_size_off_the_patch_grid_is_one_line(tmp_path, tiny_loader):
+    config = tiny_recipe().model_copy(update={"image_size": 100})
+    with pytest.raises(WorkbenchError, match="image size 100 is not a multiple of the vision tower's patch size"):
+        train_default_model(config, tmp_path, base_model_loader=tiny_loader)
+
+
 def test_a_folded_feature_scale_makes_the_projector_take_raw_features():
     torch.manual_seed(0)
     features = torch.randn(3, 16, 8) * torch.tensor([0.5, 1, 2, 4, 8, 16, 32, 64]) + 3  # layers of unequal norm

@@ -16,6 +16,8 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedModel
 
+from workbench.errors import InputError
+
 FeatureLayer = int | list[int]
 LAYERS_KEY, IMAGE_SIZE_KEY = "vision_feature_layer", "image_size"
 
@@ -49,7 +51,7 @@ def set_image_size(model: PreTrainedModel, processor: Any, side: int) -> None:
     the tower makes patches, and the model's config says the same."""
     patch = model.config.vision_config.patch_size
     if side % patch:
-        raise ValueError(f"image size {side} is not a multiple of the vision tower's patch size {patch}")
+        raise InputError(f"image size {side} is not a multiple of the vision tower's patch size {patch}")
     processor.image_processor.size = {"shortest_edge": side}
     processor.image_processor.crop_size = {"height": side, "width": side}
     model.config.image_seq_length = (side // patch) ** 2
