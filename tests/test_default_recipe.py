@@ -27,7 +27,7 @@ from workbench.models.default_model import NUM_IMAGE_TOKENS
 from workbench.models.inputs import format_prompt
 from workbench.default_recipe import install
 from workbench.default_recipe.install import install_run
-from workbench.default_recipe.recipe import RecipeConfig, RecipeError, load_recipe, parse_recipe
+from workbench.default_recipe.recipe import FocusPhase, RecipeConfig, RecipeError, load_recipe, parse_recipe
 from workbench.default_recipe.train import (
     STEP_SEED_STREAM,
     stage_conversations,
@@ -255,6 +255,34 @@ def test_simple_scenes_first_orders_the_first_pass_by_object_count():
     curriculum, shuffled = object_counts(True), object_counts(False)
     assert curriculum == sorted(curriculum) and sorted(shuffled) == curriculum  # the same answers, reordered
     assert shuffled != curriculum
+
+
+def test_the_focus_phase_asks_only_its_types_about_simple_scenes_then_the_full_mix():
+    scenes = [SceneText(scene.seed, scene.caption, scene.qa, len(scene.objects)) for scene in iter_split("train", 24)]
+    config = tiny_recipe()
+    focus = {"steps": 6, "question_types": ["colour", "shape"], "max_objects": 1}
+    stage2 = config.stage2.model_copy(update={"steps": 20, "conversations_per_step": 1,
+                                              "focus": FocusPhase(**focus)})
+    conversations = stage_conversations(config.model_copy(update={"stage2": stage2}), "stage2", scenes)
+    asked = {(pair.question, pair.answer): pair.type for scene in scenes for pair in scene.qa}
+    first, rest = conversations[:6], conversations[6:]
+    assert len(conversations) == 20
+    assert {scenes[conversation.scene].num_objects for conversation in first} == {1}
+    assert {asked[turn] for conversation in first for turn in conversation.turns} == {"colour", "shape"}
+    assert {asked[turn] for conversation in rest for turn in conversation.turns} > {"colour", "shape", "count"}
+    unfocused = stage_conversations(config.model_copy(update={"stage2": stage2.model_copy(update={"focus": None})}),
+                                    "stage2", scenes)
+    assert rest == unfocused[:14]  # the mix is the one an unfocused run starts with
+
+
+def test_a_focus_phase_as_long_as_the_stage_is_refused():
+    data = tiny_recipe().model_dump()
+    data["stage2"]["focus"] = {"steps": data["stage2"]["steps"], "question_types": ["colour"], "max_objects": 1}
+    with pytest.raises(RecipeError, match="stage2: Value error, focus.steps"):
+        parse_recipe(data, "test")
+    data["stage2"]["focus"] = {"steps": 1, "question_types": ["hue"], "max_objects": 1}
+    with pytest.raises(RecipeError, match="stage2.focus.question_types.0"):
+        parse_recipe(data, "test")
 
 
 def test_an_image_size_off_the_patch_grid_is_one_line(tmp_path, tiny_loader):

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from workbench.data.probe_scenes import QUESTION_TYPES
 from workbench.errors import WorkbenchError
 from workbench.training.lora import LoraSettings
 from workbench.training.optimisation import AdamWSchedule, Optimisation
@@ -18,6 +19,7 @@ from workbench.training.precision import Precision, ResolvedPrecision
 
 DEFAULT_RECIPE = Path(__file__).with_name("recipe.yaml")
 StageName = Literal["stage1", "stage2"]
+QuestionType = Literal[QUESTION_TYPES]
 
 
 class RecipeError(WorkbenchError):
@@ -32,11 +34,29 @@ class StageConfig(AdamWSchedule):
     micro_batch_size: int = Field(gt=0)
 
 
+class FocusPhase(BaseModel):
+    """A curriculum: stage 2's first `steps` steps ask only `question_types` about scenes of at most
+    `max_objects` objects; the remaining steps are the full mix."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(gt=0)
+    question_types: list[QuestionType] = Field(min_length=1)
+    max_objects: int = Field(gt=0)
+
+
 class QAStageConfig(StageConfig):
     max_turns: int = Field(gt=0)
     single_question_fraction: float = Field(ge=0, le=1)
     simple_scenes_first: bool  # a curriculum: the first pass over the scenes goes from 1 object to 4
+    focus: FocusPhase | None
     lora: LoraSettings
+
+    @model_validator(mode="after")
+    def _focus_leaves_steps_for_the_mix(self) -> QAStageConfig:
+        if self.focus is not None and self.focus.steps >= self.steps:
+            raise ValueError(f"focus.steps ({self.focus.steps}) must be fewer than the stage's steps ({self.steps})")
+        return self
 
 
 class RecipeConfig(BaseModel):
@@ -92,9 +112,11 @@ def load_recipe(path: Path = DEFAULT_RECIPE) -> RecipeConfig:
 def smoke_recipe(config: RecipeConfig) -> RecipeConfig:
     """The same recipe cut to 4 steps per stage on 8 scenes: checks the wiring and times real steps."""
     short = {"steps": 4, "warmup_steps": 1}
+    focus = config.stage2.focus and config.stage2.focus.model_copy(update={"steps": 2})
     return config.model_copy(update={
         "train_scenes": 8, "checkpoint_every": 2,
-        "stage1": config.stage1.model_copy(update=short), "stage2": config.stage2.model_copy(update=short),
+        "stage1": config.stage1.model_copy(update=short),
+        "stage2": config.stage2.model_copy(update={**short, "focus": focus}),
     })
 
 

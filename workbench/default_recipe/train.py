@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from workbench.default_recipe.recipe import RecipeConfig, StageName, recipe_yaml
+from workbench.default_recipe.recipe import RecipeConfig, RecipeError, StageName, recipe_yaml
 from workbench.files import write_json_atomically
 from workbench.models.adapter import ArchitectureAdapter, adapter_for
 from workbench.models.default_model import build_default_model
@@ -51,7 +51,8 @@ from workbench.training.sequences import (
 DEFAULT_RUN_DIR = Path("runs/train-default")
 OUTPUTS = ("projector.safetensors", "lora", "metrics.json")
 # Each use of randomness draws from its own seeded stream, tagged by its first entropy word.
-SCENE_ORDER_STREAM, QA_PACKING_STREAM, STEP_ORDER_STREAM, STEP_SEED_STREAM, LORA_INIT_STREAM = range(5)
+(SCENE_ORDER_STREAM, QA_PACKING_STREAM, STEP_ORDER_STREAM, STEP_SEED_STREAM, LORA_INIT_STREAM,
+ FOCUS_STREAM) = range(6)
 STAGES: tuple[StageName, ...] = ("stage1", "stage2")
 STAGE_TITLES = {"stage1": "projector on captions", "stage2": "projector + LoRA on questions"}
 
@@ -75,10 +76,13 @@ def load_base_model() -> tuple[LlavaForConditionalGeneration, Any]:
 
 
 def stage_conversations(config: RecipeConfig, stage: StageName, scenes: Sequence[SceneText]) -> list[Conversation]:
-    """The stage's conversations in training order: epochs over the scenes, each in a seeded order."""
+    """The stage's conversations in training order: the focus phase's first, if any, then epochs over the
+    scenes, each in a seeded order."""
     stage_config = config.stage(stage)
     needed = stage_config.steps * stage_config.conversations_per_step
-    conversations: list[Conversation] = []
+    focus = config.stage2.focus if stage == "stage2" else None
+    conversations = focus_conversations(config, scenes, focus.steps * stage_config.conversations_per_step) if focus \
+        else []
     epoch = 0
     while len(conversations) < needed:
         order = np.random.default_rng([SCENE_ORDER_STREAM, config.seed, stage_number(stage), epoch]).permutation(
@@ -92,6 +96,27 @@ def stage_conversations(config: RecipeConfig, stage: StageName, scenes: Sequence
                 rng = np.random.default_rng([QA_PACKING_STREAM, config.seed, epoch, index])
                 conversations += qa_conversations(index, scenes[index].qa, rng, config.stage2.max_turns,
                                                   config.stage2.single_question_fraction)
+        epoch += 1
+    return conversations[:needed]
+
+
+def focus_conversations(config: RecipeConfig, scenes: Sequence[SceneText], needed: int) -> list[Conversation]:
+    """`needed` conversations of the focus phase: passes over the simple scenes, each asked only the focus types."""
+    focus = config.stage2.focus
+    assert focus is not None
+    pairs = {index: [pair for pair in scene.qa if pair.type in focus.question_types]
+             for index, scene in enumerate(scenes) if scene.num_objects <= focus.max_objects}
+    pairs = {index: scene_pairs for index, scene_pairs in pairs.items() if scene_pairs}
+    if not pairs:
+        raise RecipeError(f"stage2.focus: no train scene of at most {focus.max_objects} objects has a question of "
+                          f"type {', '.join(focus.question_types)}")
+    conversations: list[Conversation] = []
+    epoch = 0
+    while len(conversations) < needed:
+        for index in np.random.default_rng([FOCUS_STREAM, config.seed, epoch]).permutation(list(pairs)).tolist():
+            rng = np.random.default_rng([FOCUS_STREAM, config.seed, epoch, index])
+            conversations += qa_conversations(index, pairs[index], rng, config.stage2.max_turns,
+                                              config.stage2.single_question_fraction)
         epoch += 1
     return conversations[:needed]
 
