@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ from workbench.default_recipe.train import (
     supervised_logits,
     train_default_model,
 )
-from workbench.errors import WorkbenchError
+from workbench.errors import InputError, WorkbenchError
 from workbench.files import LOCK_FILE
 from workbench.models.loading import default_device
 from workbench.training import loop
@@ -50,6 +51,7 @@ from workbench.training.sequences import (
     qa_conversations,
     render,
     split_evenly,
+    text_segments,
     tokenise_conversation,
 )
 
@@ -255,6 +257,17 @@ def test_simple_scenes_first_orders_the_first_pass_by_object_count():
     curriculum, shuffled = object_counts(True), object_counts(False)
     assert curriculum == sorted(curriculum) and sorted(shuffled) == curriculum  # the same answers, reordered
     assert shuffled != curriculum
+
+
+def test_a_chat_template_that_does_not_extend_turn_by_turn_is_one_line():
+    class LastMessageOnly:  # a template that renders only the newest message, as no training sequence can use
+        tokenizer = SimpleNamespace(eos_token="</s>")
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return messages[-1]["content"][-1]["text"] + "</s>" + ("ASSISTANT:" if add_generation_prompt else "")
+
+    with pytest.raises(InputError, match="chat template does not extend a conversation turn by turn"):
+        text_segments(LastMessageOnly(), [("q1", "a1"), ("q2", "a2")])
 
 
 def test_the_focus_phase_asks_only_its_types_about_simple_scenes_then_the_full_mix():

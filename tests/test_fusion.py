@@ -1,5 +1,6 @@
 """Multi-layer visual feature fusion: named layer sets resolve to the reference's indices; E_D with its extra
-columns at zero is the single-layer model; I_D adds at exactly its LLM layer and only at image positions."""
+columns at zero is the single-layer model; I_D adds at exactly its LLM layer and only at image positions, and
+trained from the feature cache it has the live model's loss."""
 
 from __future__ import annotations
 
@@ -13,9 +14,18 @@ from efficient_models import registry
 from efficient_models.fusion.config import FusionConfig
 from efficient_models.fusion.cost import fusion_flops
 from efficient_models.fusion.input_fusion import fuse_at_input
-from efficient_models.fusion.internal_fusion import InternalFusion, internal_fusion
+from efficient_models.fusion.internal_fusion import (
+    InternalFusion,
+    attach,
+    internal_fusion,
+    load_internal_fusion,
+    save_internal_fusion,
+)
 from efficient_models.fusion.layer_sets import resolve_layer_set
 from efficient_models.fusion.model import FusedModel, fusion_variant
+from efficient_models.fusion.training import CachedInternalFusion
+from efficient_models.token_schedule.engine import ScheduledLLM
+from efficient_models.token_schedule.finetune import ScheduledLoss
 from efficient_models.token_schedule.scheduled_model import ScheduledModel
 from efficient_models.token_schedule.schedule import dense
 from tests.tiny_models import image_tokens_llava, llava_batch, tiny_llava
@@ -23,6 +33,8 @@ from workbench.errors import InputError
 from workbench.flops import DEFAULT_MODEL_SHAPES, ModelShapes, token_schedule_flops
 from workbench.models.loading import LoadedModel
 from workbench.store import RunStore
+from workbench.training.features import tower_outputs
+from workbench.training.sequences import IGNORE_INDEX
 
 CLIP_L_LAYERS, CLIP_L_BASE = 24, -2  # LLaVA-1.5 reads CLIP-L's penultimate layer: hidden_states index 23
 
@@ -146,6 +158,54 @@ def test_untrained_internal_fusion_adds_nothing():
     plain = logits(loaded.model, inputs)
     with internal_fusion(loaded.adapter, InternalFusion.for_model(loaded.adapter, [[1, 2], 2])):
         torch.testing.assert_close(logits(loaded.model, inputs), plain, rtol=0, atol=0)
+
+
+def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    targets = labels[:, 1:]
+    supervised = targets != IGNORE_INDEX
+    return torch.nn.functional.cross_entropy(logits[:, :-1][supervised].float(), targets[supervised])
+
+
+def test_internal_fusion_trained_from_the_feature_cache_has_the_live_models_loss():
+    """Training runs no vision tower: the extra layer's cached outputs are fed to the hooks. That must give the
+    loss the live model gives, its hooks reading the tower on the same images."""
+    inputs = llava_batch([[5, *image_tokens_llava(), 7, 8, 9], [6, *image_tokens_llava(), 10, 11, 12]], [1, 1])
+    labels = inputs["input_ids"].clone()
+    labels[:, :6] = IGNORE_INDEX  # the answer: the last three tokens
+    cached_model = LoadedModel.from_model(tiny_llava(num_layers=4))
+    extension = CachedInternalFusion(cached_model.adapter, [1, 2])
+    assert extension.vision_layers == [1] and extension.fusion.targets == [2]
+    with torch.no_grad():  # trained projectors: their outputs are no longer zero
+        for parameter in extension.parameters():
+            parameter.normal_(std=0.5)
+    live_model = LoadedModel.from_model(tiny_llava(num_layers=4))
+    attach(live_model.adapter, copy.deepcopy(extension.fusion))
+    with torch.no_grad():
+        live = answer_cross_entropy(live_model.model(**inputs).logits, labels)
+        plain = answer_cross_entropy(tiny_llava(num_layers=4)(**inputs).logits, labels)
+        features, layers = tower_outputs(cached_model.adapter, inputs["pixel_values"], extension.vision_layers)
+        engine = ScheduledLLM(cached_model.adapter, dense(4))
+        cached = ScheduledLoss(cached_model.model, engine, features, extension, layers)(
+            inputs["input_ids"], labels, torch.arange(2))
+    assert not torch.allclose(live, plain)  # the fusion changes the loss, so the equality below says something
+    torch.testing.assert_close(cached, live)
+
+
+def test_internal_fusion_weights_load_back_only_into_the_same_layers(tmp_path):
+    adapter = LoadedModel.from_model(tiny_llava(num_layers=4)).adapter
+    trained = InternalFusion.for_model(adapter, [1, 2])
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.normal_()
+    save_internal_fusion(trained, tmp_path)
+    fresh = InternalFusion.for_model(adapter, [1, 2])
+    load_internal_fusion(fresh, tmp_path)
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[name], tensor, rtol=0, atol=0)
+    with pytest.raises(InputError, match="projectors for other layers"):
+        load_internal_fusion(InternalFusion.for_model(adapter, [1, [1, 2], 2]), tmp_path)
+    with pytest.raises(InputError, match="without internal_fusion.safetensors"):
+        load_internal_fusion(fresh, tmp_path / "elsewhere")
 
 
 # --- FLOPs, variant, registration -----------------------------------------------------------------

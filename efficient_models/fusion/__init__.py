@@ -6,7 +6,7 @@ bench variants: `fusion`, a trained run, and `fusion-dropin`, a config on the lo
 extra layers at zero).
 """
 
-from efficient_models.fusion.config import FusionConfig
+from efficient_models.fusion.config import FUSED_MODEL_TYPE, FusionConfig
 from efficient_models.fusion.cost import fusion_flops
 from efficient_models.registry import Method, Variant, register
 from efficient_models.token_schedule.finetune_command import finetune_command
@@ -42,7 +42,7 @@ def _check_run(run_dir):
 register(Method(
     name="fusion", summary="several vision layers fused at the input or inside the LLM", config=FusionConfig,
     flops=fusion_flops, from_run=_from_run, run_kinds=("vision-layers",), check_run=_check_run,
-    runs_on=lambda adapter: "llava" in adapter.model_classes,  # the family `input_fusion.check_llava` admits
+    runs_on=lambda adapter: FUSED_MODEL_TYPE in adapter.model_classes,
     train=finetune_command("fusion", FusionConfig, "efficient_models.fusion.training",
                            "Fine-tune the default model (projector + LoRA) reading several vision layers at its input."),
     variants=(Variant("fusion", "a trained `wb train fusion` run", _trained, needs="run", of="fusion"),

@@ -10,6 +10,10 @@ from efficient_models.fusion.layer_sets import Group, LayerSetName, named_groups
 from workbench.configs import MethodConfig
 from workbench.errors import InputError
 
+# Fusion is built on the LLaVA family, whose `vision_feature_layer` list already concatenates layers (input
+# fusion) and whose projector sits where internal fusion's extra projectors copy it.
+FUSED_MODEL_TYPE = "llava"
+
 
 class FusionConfig(MethodConfig):
     """Fuse `layers` of the vision tower (indices into its `hidden_states`, 0 = embeddings) with the base layer.

@@ -11,13 +11,14 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from efficient_models.fusion.config import FUSED_MODEL_TYPE
 from efficient_models.fusion.layer_sets import Group
 from workbench.errors import InputError
 from workbench.models.visual_input import read_vision_layers
 
 
 def check_llava(model: PreTrainedModel) -> None:
-    if model.config.model_type != "llava":
+    if model.config.model_type != FUSED_MODEL_TYPE:
         raise InputError(f"fusion is built for the LLaVA family; this model is a {model.config.model_type!r}")
     if not isinstance(model.config.vision_feature_layer, int):
         raise InputError(f"the model already reads vision layers {model.config.vision_feature_layer}; "

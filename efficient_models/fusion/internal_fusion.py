@@ -8,6 +8,9 @@ runs the same under `generate`, the token-schedule engine and the bench:
   none, so the addition happens at prefill only);
 - forward hooks on the vision layers keep the extra layers' outputs of this call's images;
 - a pre-hook on each target decoder layer adds the projected features at those positions.
+
+Training from a feature cache (`wb train fusion`, mode internal) runs no vision tower: there the caller puts
+the cached layer outputs of each step's images into the hooks' `CallState`.
 """
 
 from __future__ import annotations
@@ -16,13 +19,18 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from efficient_models.fusion.layer_sets import Group, group_depth, round_half_up
 from workbench.errors import InputError
+from workbench.files import write_atomically
 from workbench.models.adapter import ArchitectureAdapter
+
+INTERNAL_FUSION_FILE = "internal_fusion.safetensors"
 
 
 def target_llm_layer(depth: float, num_vision_layers: int, num_llm_layers: int) -> int:
@@ -49,6 +57,11 @@ class InternalFusion(nn.Module):
         self.groups, self.targets = groups, targets
         self.projectors = nn.ModuleList(projectors)
 
+    @property
+    def vision_layers(self) -> list[int]:
+        """The tower's `hidden_states` indices the groups read."""
+        return sorted({index for group in self.groups for index in ([group] if isinstance(group, int) else group)})
+
     @classmethod
     def for_model(cls, adapter: ArchitectureAdapter, groups: list[Group]) -> InternalFusion:
         """Projectors for every group but the base (the last, which the model's own projector reads)."""
@@ -73,14 +86,19 @@ def first_tensor(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def attach(adapter: ArchitectureAdapter, fusion: InternalFusion) -> list[torch.utils.hooks.RemovableHandle]:
-    """Install the hooks (see the module docstring); remove the returned handles to detach."""
-    state = CallState()
+def attach(adapter: ArchitectureAdapter, fusion: InternalFusion,
+           cached: CallState | None = None) -> list[torch.utils.hooks.RemovableHandle]:
+    """Install the hooks (see the module docstring); remove the returned handles to detach.
+
+    `cached`: the caller fills its `layer_outputs` before each call (from a feature cache), and the vision
+    tower is not hooked."""
+    state = cached or CallState()
     drop_cls = adapter.model.config.vision_feature_select_strategy == "default"
 
     def record_positions(module, args):
         state.image_mask = args[0] == adapter.image_token_id
-        state.layer_outputs.clear()  # features of an earlier call must never be added to this one
+        if cached is None:
+            state.layer_outputs.clear()  # features of an earlier call must never be added to this one
 
     def keep_output(index):
         def hook(module, args, output):
@@ -109,10 +127,10 @@ def attach(adapter: ArchitectureAdapter, fusion: InternalFusion) -> list[torch.u
             raise ValueError(f"{int(mask.sum())} image tokens but {projected.shape[0]} fused features")
         return torch.zeros_like(hidden).masked_scatter(mask[..., None], projected)
 
-    needed = sorted({index for group in fusion.groups for index in ([group] if isinstance(group, int) else group)})
     handles = [adapter.embed_tokens.register_forward_pre_hook(record_positions)]
-    # hidden_states[l] is the output of vision layer l - 1.
-    handles += [adapter.vision_layers[index - 1].register_forward_hook(keep_output(index)) for index in needed]
+    if cached is None:  # hidden_states[l] is the output of vision layer l - 1
+        handles += [adapter.vision_layers[index - 1].register_forward_hook(keep_output(index))
+                    for index in fusion.vision_layers]
     handles += [adapter.llm_layers[layer].register_forward_pre_hook(add_at_image_positions(layer), with_kwargs=True)
                 for layer in sorted(set(fusion.targets))]
     return handles
@@ -127,3 +145,20 @@ def internal_fusion(adapter: ArchitectureAdapter, fusion: InternalFusion) -> Ite
     finally:
         for handle in handles:
             handle.remove()
+
+
+def save_internal_fusion(fusion: InternalFusion, run_dir: Path) -> None:
+    """The trained projectors, as `internal_fusion.safetensors` in a run folder."""
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in fusion.state_dict().items()}
+    write_atomically(Path(run_dir) / INTERNAL_FUSION_FILE, lambda target: save_file(tensors, str(target)))
+
+
+def load_internal_fusion(fusion: InternalFusion, run_dir: Path) -> None:
+    """Load a run's trained projectors into `fusion` (built for the same groups)."""
+    path = Path(run_dir) / INTERNAL_FUSION_FILE
+    if not path.is_file():
+        raise InputError(f"{run_dir} is an internal-fusion run without {INTERNAL_FUSION_FILE}")
+    weights = load_file(path)
+    if set(weights) != set(fusion.state_dict()):
+        raise InputError(f"{path} holds projectors for other layers than the run's config names")
+    fusion.load_state_dict(weights)  # copies into the projectors where they are, on any device

@@ -9,7 +9,7 @@ from pathlib import Path
 from efficient_models.fusion.config import FusionConfig
 from efficient_models.fusion.cost import fusion_flops
 from efficient_models.fusion.input_fusion import check_llava, fuse_at_input
-from efficient_models.fusion.internal_fusion import InternalFusion, attach
+from efficient_models.fusion.internal_fusion import InternalFusion, attach, load_internal_fusion
 from efficient_models.fusion.layer_sets import Group, resolve_layer_set
 from efficient_models.token_schedule.schedule import dense
 from efficient_models.token_schedule.finetune import finished_run_config
@@ -73,7 +73,11 @@ def load_fusion_run(run_dir: str | Path, loaded: LoadedModel) -> FusedModel:
     run_dir = Path(run_dir)
     config = check_fusion_run(run_dir)
     groups = fusion_groups(loaded, config)
-    apply_fusion(loaded, groups, config.mode)
+    fusion = apply_fusion(loaded, groups, config.mode)
+    if fusion is not None:
+        load_internal_fusion(fusion, run_dir)
+    # Merging the LoRA replaces only the decoder's projections: the hooked modules, and so I_D's hooks, stay.
     model, _, _ = apply_trained_weights(loaded.model, loaded.processor, run_dir)
     tuned = LoadedModel.from_model(model, loaded.processor, name=f"{loaded.name}+{run_dir.name}")
-    return FusedModel(tuned, dense(tuned.adapter.num_llm_layers), "fusion", config=config, groups=groups)
+    return FusedModel(tuned, dense(tuned.adapter.num_llm_layers), "fusion", config=config, groups=groups,
+                      fusion=fusion)

@@ -88,16 +88,37 @@ def with_steps(recipe: FinetuneRecipe, steps: int) -> FinetuneRecipe:
     return recipe.model_copy(update={"optimisation": recipe.optimisation.model_copy(update={"steps": steps})})
 
 
+class CachedExtension(nn.Module):
+    """Modules a method adds to the model and trains with the projector and LoRA (internal fusion's
+    projectors), fed before each step with the cached vision-tower layers they read."""
+
+    vision_layers: list[int]  # the tower's `hidden_states` indices the feature cache must keep
+
+    def feed(self, layers: dict[int, torch.Tensor]) -> None:
+        """This step's images' outputs of `vision_layers`, [images, tower tokens, width] each."""
+        raise NotImplementedError
+
+    def save(self, run_dir: Path) -> None:
+        raise NotImplementedError
+
+
 class ScheduledLoss(nn.Module):
     """`answer_loss` from cached projector inputs: what `wb train hidrop` optimises."""
 
-    def __init__(self, model: nn.Module, engine: ScheduledLLM, features: torch.Tensor):
+    def __init__(self, model: nn.Module, engine: ScheduledLLM, features: torch.Tensor,
+                 extension: CachedExtension | None = None, layers: Mapping[int, torch.Tensor] | None = None):
         super().__init__()
         self.model, self.engine = model, engine  # `model` registered so accelerate / DDP see the weights
+        self.extension = extension
         self.register_buffer("features", features, persistent=False)
+        for index, tensor in (layers or {}).items():
+            self.register_buffer(f"layer_{index}", tensor, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, scenes: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.extension is not None:
+            self.extension.feed({index: getattr(self, f"layer_{index}")[scenes].float()
+                                 for index in self.extension.vision_layers})
         embeddings = embeddings_from_features(self.engine.adapter, input_ids, self.features[scenes].float())
         return answer_loss(self.engine, embeddings, input_ids, labels, attention_mask)
 
@@ -128,10 +149,12 @@ def metrics(record: TrainingRecord, schedule: TokenSchedule, num_visual: int, re
 
 
 def finetune(loaded: LoadedModel, schedule: TokenSchedule, recipe: FinetuneRecipe, run_dir: Path,
-             saved_beside: Mapping[str, str], description: str, resume: bool = True) -> TrainingResult:
+             saved_beside: Mapping[str, str], description: str, resume: bool = True,
+             extension: CachedExtension | None = None) -> TrainingResult:
     """Fine-tune `loaded` (the default model, already changed as the method needs) under `schedule`.
 
     `saved_beside`: the method's files to keep with the weights (e.g. its config); `recipe.yaml` is added.
+    `extension`: modules the method added, trained too and saved beside the weights.
     """
     num_visual = visual_tokens_per_image(loaded)
     run_dir = Path(run_dir)
@@ -141,7 +164,7 @@ def finetune(loaded: LoadedModel, schedule: TokenSchedule, recipe: FinetuneRecip
     with open_run(run_dir, saved_beside, resume, outputs=OUTPUTS):
         # The frozen vision tower's outputs for the training scenes, cached in the run folder.
         cached = prepare_features(loaded.adapter, loaded.processor, recipe.train_scenes, recipe.feature_batch_size,
-                                  run_dir, torch.device("cpu"))
+                                  run_dir, torch.device("cpu"), extension.vision_layers if extension else ())
         torch.manual_seed(recipe.optimisation.seed)
         lora_seed = int(np.random.default_rng([LORA_INIT_STREAM, recipe.optimisation.seed]).integers(2**31))
         peft_model = add_lora(loaded.adapter, recipe.lora, lora_seed)
@@ -152,11 +175,17 @@ def finetune(loaded: LoadedModel, schedule: TokenSchedule, recipe: FinetuneRecip
 
         def write_outputs(record: TrainingRecord) -> None:
             save_projector_and_lora(run_dir, adapter, peft_model, loaded.processor)
+            if extension is not None:
+                extension.save(run_dir)
             write_json_atomically(run_dir / "metrics.json", metrics(record, schedule, num_visual, recipe, precision))
 
         optimisation = recipe.optimisation.model_copy(update={"precision": precision})
-        record = train(ScheduledLoss(loaded.model, engine, cached.features), trainable_parameters(loaded.model), plan,
-                       optimisation, run_dir, seed_entropy=(STEP_SEED_STREAM, recipe.optimisation.seed),
-                       description=description, on_finish=write_outputs)
+        parameters = trainable_parameters(loaded.model)
+        if extension is not None:
+            parameters |= {f"extension.{name}": parameter for name, parameter in extension.named_parameters()}
+        loss = ScheduledLoss(loaded.model, engine, cached.features, extension, cached.layers)
+        record = train(loss, parameters, plan, optimisation, run_dir,
+                       seed_entropy=(STEP_SEED_STREAM, recipe.optimisation.seed), description=description,
+                       on_finish=write_outputs)
     return TrainingResult(run_dir, {"train": record},
                           {"description": description} | metrics(record, schedule, num_visual, recipe, precision))

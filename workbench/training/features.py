@@ -1,8 +1,10 @@
 """The frozen vision tower's output for a run's training scenes, computed once and cached beside the run.
 
 The cache (float16 safetensors + the scenes' texts and object counts as JSONL) is keyed by the split, the
-scene count, a fingerprint of the vision tower and its feature layers, and the image size, so a cache from
-another model or recipe is recomputed, not reused. `FeatureScale` standardises the cached features per channel.
+scene count, a fingerprint of the vision tower and its feature layers, the image size and any extra tower
+layers kept (a method that adds what it reads of them inside the LLM, such as internal fusion, needs them), so
+a cache from another model or recipe is recomputed, not reused. `FeatureScale` standardises the cached
+features per channel.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +33,23 @@ SECONDS_KEY = "seconds"  # metadata: how long the extraction took (not part of t
 
 def projector_inputs(adapter: ArchitectureAdapter, pixel_values: torch.Tensor) -> torch.Tensor:
     """What the projector consumes for these images, captured at its input inside `get_image_features`."""
+    return tower_outputs(adapter, pixel_values)[0]
+
+
+def tower_outputs(adapter: ArchitectureAdapter, pixel_values: torch.Tensor,
+                  extra_layers: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The projector's input for these images and, from the same pass, the vision tower's `hidden_states[l]`
+    (the output of layer l - 1, every token) for each of `extra_layers`."""
     captured: list[torch.Tensor] = []
-    hook = adapter.projector.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    layers: dict[int, torch.Tensor] = {}
+
+    def keep(index: int):
+        def hook(module, args, output):
+            layers[index] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    hooks = [adapter.projector.register_forward_pre_hook(lambda module, args: captured.append(args[0]))]
+    hooks += [adapter.vision_layers[index - 1].register_forward_hook(keep(index)) for index in extra_layers]
     config = adapter.model.config
     try:
         with torch.no_grad():
@@ -39,8 +57,9 @@ def projector_inputs(adapter: ArchitectureAdapter, pixel_values: torch.Tensor) -
                                              vision_feature_layer=config.vision_feature_layer,
                                              vision_feature_select_strategy=config.vision_feature_select_strategy)
     finally:
-        hook.remove()
-    return captured[0]
+        for hook in hooks:
+            hook.remove()
+    return captured[0], layers
 
 
 def vision_fingerprint(adapter: ArchitectureAdapter) -> str:
@@ -69,13 +88,22 @@ class CachedFeatures:
     scenes: list[SceneText]
     features: torch.Tensor  # [scenes, visual tokens, vision width] float16: the projector's inputs
     seconds: float  # how long extracting them took, when they were computed
+    # hidden-states index -> [scenes, tower tokens, vision width] float16: the extra tower layers kept
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def feature_metadata(train_scenes: int, fingerprint: str, processor: Any) -> dict[str, str]:
-    """The cache key: which scenes, which tower and layers, and the image size the processor crops to."""
+def feature_metadata(train_scenes: int, fingerprint: str, processor: Any,
+                     extra_layers: Sequence[int] = ()) -> dict[str, str]:
+    """The cache key: which scenes, which tower and layers, the image size the processor crops to, and the
+    extra tower layers kept (only when there are any, so caches without them keep their key)."""
     crop = getattr(processor.image_processor, "crop_size", None)
+    extra = {"extra_layers": str(sorted(extra_layers))} if extra_layers else {}
     return {"split": TRAIN_SPLIT, "first_seed": str(scene_seed(TRAIN_SPLIT, 0)), "scenes": str(train_scenes),
-            "vision": fingerprint, "crop_size": str(dict(crop) if crop else None)}
+            "vision": fingerprint, "crop_size": str(dict(crop) if crop else None)} | extra
+
+
+def layer_key(index: int) -> str:
+    return f"layer_{index}"
 
 
 def read_cached_features(run_dir: Path, metadata: dict[str, str]) -> CachedFeatures | None:
@@ -88,44 +116,51 @@ def read_cached_features(run_dir: Path, metadata: dict[str, str]) -> CachedFeatu
         if saved != metadata:
             return None
         features = cache.get_tensor("features")
+        layers = {index: cache.get_tensor(layer_key(index))
+                  for index in json.loads(metadata.get("extra_layers", "[]"))}
     records = [json.loads(line) for line in scenes_path.read_text().splitlines()]
     if any("num_objects" not in record for record in records):
         return None  # a cache from before scenes recorded their object count
     scenes = [SceneText(record["seed"], record["caption"], [QAPair(**pair) for pair in record["qa"]],
                         record["num_objects"]) for record in records]
-    return CachedFeatures(scenes, features, seconds)
+    return CachedFeatures(scenes, features, seconds, layers)
 
 
 def extract_features(adapter: ArchitectureAdapter, processor: Any, train_scenes: int, batch_size: int, run_dir: Path,
-                     metadata: dict[str, str], device: torch.device) -> None:
+                     metadata: dict[str, str], device: torch.device, extra_layers: Sequence[int] = ()) -> None:
     """Render the run's scenes, run the vision tower once over them and cache its output (float16) with the texts."""
     started = time.perf_counter()
     scenes = iter_split(TRAIN_SPLIT, train_scenes)
     chunks: list[torch.Tensor] = []
+    layer_chunks: dict[int, list[torch.Tensor]] = {index: [] for index in extra_layers}
     texts: list[str] = []
     with tqdm(total=train_scenes, desc="vision features", unit="scene") as progress:
         while len(texts) < train_scenes:
             batch = [next(scenes) for _ in range(min(batch_size, train_scenes - len(texts)))]
             pixel_values = processor.image_processor([scene.image for scene in batch], return_tensors="pt")
-            chunks.append(projector_inputs(adapter, pixel_values["pixel_values"].to(device)).half().cpu())
+            features, layers = tower_outputs(adapter, pixel_values["pixel_values"].to(device), extra_layers)
+            chunks.append(features.half().cpu())
+            for index, output in layers.items():
+                layer_chunks[index].append(output.half().cpu())
             texts += [json.dumps({"seed": scene.seed, "caption": scene.caption,
                                   "qa": [asdict(pair) for pair in scene.qa], "num_objects": len(scene.objects)})
                       for scene in batch]
             progress.update(len(batch))
     write_text_atomically(run_dir / SCENES_FILE, "\n".join(texts) + "\n")
     stamped = metadata | {SECONDS_KEY: f"{time.perf_counter() - started:.1f}"}
-    write_atomically(run_dir / FEATURES_FILE,
-                     lambda target: save_file({"features": torch.cat(chunks)}, str(target), metadata=stamped))
+    tensors = {"features": torch.cat(chunks)} | {layer_key(index): torch.cat(outputs)
+                                                 for index, outputs in layer_chunks.items()}
+    write_atomically(run_dir / FEATURES_FILE, lambda target: save_file(tensors, str(target), metadata=stamped))
 
 
 def prepare_features(adapter: ArchitectureAdapter, processor: Any, train_scenes: int, batch_size: int, run_dir: Path,
-                     device: torch.device) -> CachedFeatures:
-    """The first `train_scenes` train scenes' texts and vision features, from the cache in `run_dir` (computed
-    first if it is missing or was made by another vision tower)."""
-    metadata = feature_metadata(train_scenes, vision_fingerprint(adapter), processor)
+                     device: torch.device, extra_layers: Sequence[int] = ()) -> CachedFeatures:
+    """The first `train_scenes` train scenes' texts and vision features (and the tower's `extra_layers`), from
+    the cache in `run_dir` (computed first if it is missing or was made by another vision tower)."""
+    metadata = feature_metadata(train_scenes, vision_fingerprint(adapter), processor, extra_layers)
     cached = read_cached_features(run_dir, metadata)
     if cached is None:
-        extract_features(adapter, processor, train_scenes, batch_size, run_dir, metadata, device)
+        extract_features(adapter, processor, train_scenes, batch_size, run_dir, metadata, device, extra_layers)
         cached = read_cached_features(run_dir, metadata)  # train on what the cache holds, resumed or not
     return cached
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from workbench.data.probe_scenes import QAPair
+from workbench.errors import InputError
 
 IGNORE_INDEX = -100  # label of positions without loss (the index torch's cross entropy skips)
 CAPTION_PROMPT = "Describe the image."
@@ -106,8 +107,9 @@ def text_segments(processor: Any, turns: Sequence[Turn]) -> list[tuple[str, bool
         full = render(processor, messages[: 2 * index + 2], add_generation_prompt=False)
         reply, supervised = full[len(prompt):], answer + end_of_turn
         if not (prompt.startswith(rendered) and full.startswith(prompt) and reply.startswith(supervised)):
-            raise ValueError("the chat template does not extend a conversation turn by turn with "
-                             f"'answer{end_of_turn}'; training sequences cannot be built from it")
+            raise InputError(f"the model's chat template does not extend a conversation turn by turn, each answer "
+                             f"closed by {end_of_turn!r}, so training sequences (a trained variant's) cannot be "
+                             "built from it")
         segments += [(prompt[len(rendered):], False), (supervised, True), (reply[len(supervised):], False)]
         rendered = full
     return [(text, supervised) for text, supervised in segments if text]
