@@ -86,7 +86,7 @@ def alignment_batch(loaded: LoadedModel, rule: TokenRule, items: Sequence[ImageI
     words = set(evidence.get("patch_colour", ())) | set(evidence.get("patch_shape", ()))
     word_ids = _word_ids(loaded.processor.tokenizer, words - {"", None})
     start = 0
-    for sample, layout in enumerate(traced.layouts):
+    for layout in traced.layouts:  # one per grid: evidence has a row per grid cell, in this order
         count = layout.num_tokens
         alive_here = alive[start:start + count].nonzero().flatten()
         chosen = _sample(alive_here, config.tokens_per_image, generator)
@@ -107,7 +107,7 @@ def alignment_batch(loaded: LoadedModel, rule: TokenRule, items: Sequence[ImageI
                         states = traced.hidden[layer][layout.sample, object_positions].to(loaded.device)
                         top = head(head_norm(states)).topk(LOGIT_LENS_TOP, dim=-1).indices.cpu().tolist()
                         hits = [bool(set(ids) & target) for ids, target in zip(top, targets)]
-                        lens_rows.append({"image_id": items[sample].id, "layer": layer, "tokens": len(hits),
+                        lens_rows.append({"image_id": items[layout.image].id, "layer": layer, "tokens": len(hits),
                                           "hits": sum(hits)})
         start += count
     tensors = {"visual": torch.cat(visual_rows).half(), "text": torch.cat(text_rows).half()}

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 ANALYSIS_NEEDS: dict[str, tuple[str, ...]] = {
     "tokens": (),
-    "probe": ("flat_positions",),  # its VQA keeps only alive tokens by a token schedule
+    "probe": ("token_schedules",),  # its VQA keeps only alive tokens by a token schedule
     "alignment": (),
-    "similarity": ("flat_positions",),  # the image's effect is measured against a schedule without visual tokens
+    "similarity": ("token_schedules",),  # the image's effect is measured against a schedule without visual tokens
     "vision-layers": ("tower_hidden_states",),
-    "interventions": ("flat_positions",),  # removal, exit and injection are token schedules
+    "interventions": ("token_schedules",),  # removal, exit and injection are token schedules
     "report": (),  # reads finished runs only
 }

@@ -64,7 +64,7 @@ def text_only_layers(loaded: LoadedModel, inputs: Mapping[str, torch.Tensor]) ->
     adapter = loaded.adapter
     engine = ScheduledLLM(adapter, TokenSchedule(adapter.num_llm_layers, exit_layer=0))
     output = engine.forward(adapter.input_embeddings(inputs), inputs["input_ids"], inputs["attention_mask"],
-                            layer_outputs=True)
+                            layer_outputs=True, positions=adapter.position_ids(inputs))
     return [states.cpu() for states in output.layer_outputs]
 
 

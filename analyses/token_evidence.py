@@ -1,6 +1,8 @@
 """Per-visual-token evidence from one traced forward: what the token categories are decided on.
 
-For every visual token of a batch of images (one prompt per image), `token_evidence` measures:
+For every visual token of a batch of images (one prompt per image) that is a patch-grid cell (`token` counts an
+image's cells grid after grid, `grid` says which of its grids, `row` / `col` where in it; LLaVA-NeXT's row-end
+tokens are cells of no grid and get no row), `token_evidence` measures:
 - `topk_ids` / `topk_cos`: its nearest vocabulary embeddings (cosine) as the LLM receives it;
 - `input_norm`: its norm at the LLM input (projector output);
 - `vision_norm`: the norm of the vision features it is made from (projector input);
@@ -106,31 +108,37 @@ def token_evidence(loaded: LoadedModel, items: Sequence[ImageItem], images: Sequ
 def evidence_from_capture(loaded: LoadedModel, traced: Capture, items: Sequence[ImageItem], topk: int,
                           layers: EvidenceLayers) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """`token_evidence` from a capture that holds at least what `evidence_spec(layers)` asks for."""
-    vectors = traced.visual("embeddings")
+    # One row per grid cell, grid after grid: visual tokens in no grid (LLaVA-NeXT's row ends) get none.
+    cells = torch.cat([traced.visual_indices(layout) for layout in traced.layouts])
+    vectors = traced.visual("embeddings")[cells]
     cos, ids = vocabulary_neighbours(loaded, vectors, topk)
-    early = [vectors.float()] + [traced.visual(layer).float() for layer in layers.norm_layers]
+    early = [vectors.float()] + [traced.visual(layer)[cells].float() for layer in layers.norm_layers]
     columns = {
         "input_norm": vectors.float().norm(dim=-1),
-        "vision_norm": traced.projector_input.float().norm(dim=-1),
+        "vision_norm": traced.projector_input[cells].float().norm(dim=-1),
         "llm_norm": torch.stack([states.norm(dim=-1) for states in early]).amax(0),
         "llm_peak": torch.stack([massive_activation(states) for states in early]).amax(0),
-        "attention_received": _attention_received(traced),
+        "attention_received": _attention_received(traced)[cells],
     }
     sketches = sketch(vectors)
     tokenizer = loaded.processor.tokenizer
-    rows, start = [], 0
-    for item, layout in zip(items, traced.layouts):
-        truths = _ground_truth(item, layout.rows, layout.cols)
-        for token in range(layout.num_tokens):
-            flat = start + token
-            row = {"image_id": item.id, "token": token, "row": token // layout.cols, "col": token % layout.cols}
+    rows, flat = [], 0
+    grids_done, tokens_done = [0] * len(items), [0] * len(items)  # per image, over its grids so far
+    for layout in traced.layouts:
+        item = items[layout.image]
+        truths = _ground_truth(item, layout.rows, layout.cols)  # every grid covers the whole image
+        for cell in range(layout.num_tokens):
+            row = {"image_id": item.id, "token": tokens_done[layout.image] + cell, "grid": grids_done[layout.image],
+                   "row": cell // layout.cols, "col": cell % layout.cols}
             row |= {name: float(values[flat]) for name, values in columns.items()}
             row["topk_ids"] = ids[flat].tolist()
             row["topk_tokens"] = [tokenizer.decode([token_id]) for token_id in ids[flat].tolist()]
             row["topk_cos"] = [round(float(value), 5) for value in cos[flat]]
             row["sketch"] = sketches[flat].tolist()
-            rows.append(row | truths[token])
-        start += layout.num_tokens
+            rows.append(row | truths[cell])
+            flat += 1
+        grids_done[layout.image] += 1
+        tokens_done[layout.image] += layout.num_tokens
     top1 = ids[:, 0]
     group_ids, group_index = top1.unique(return_inverse=True)
     sums = torch.zeros(len(group_ids), vectors.shape[-1]).index_add_(0, group_index, F.normalize(vectors.float(), dim=-1))

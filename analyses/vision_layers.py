@@ -76,8 +76,8 @@ def check_supported(loaded: LoadedModel) -> None:
 
 def base_layers(loaded: LoadedModel) -> list[int]:
     """The `hidden_states` indices the model feeds its projector (`vision_feature_layer`, an int or a list,
-    negative counting from the end)."""
-    feature_layer = loaded.model.config.vision_feature_layer
+    negative counting from the end); the last layer in families whose config has no such key (Gemma 3)."""
+    feature_layer = getattr(loaded.model.config, "vision_feature_layer", -1)
     count = loaded.adapter.num_vision_layers + 1
     return sorted({layer % count for layer in ([feature_layer] if isinstance(feature_layer, int) else feature_layer)})
 

@@ -147,9 +147,12 @@ def removal_mask(loaded: LoadedModel, categories: TokenCategories, removed: Coll
                  random_from: ControlPool | None, inputs: BatchFeature, image_ids: Sequence[str]) -> torch.Tensor:
     """[batch, seq] bool: the visual tokens `removal` takes out of this batch."""
     mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
-    for layout, image_id in zip(loaded.adapter.image_layouts(inputs), image_ids):
+    layouts = loaded.adapter.image_layouts(inputs)
+    for image, image_id in enumerate(image_ids):
+        grids = [layout for layout in layouts if layout.image == image]
+        cells = torch.cat([layout.positions for layout in grids])  # the image's tokens in its categories' order
         hit = categories.removed(image_id, removed, random_from)
-        mask[layout.sample, layout.positions[torch.from_numpy(hit)]] = True
+        mask[grids[0].sample, cells[torch.from_numpy(hit).to(cells.device)]] = True
     return mask
 
 

@@ -82,8 +82,11 @@ def explain_image(loaded: LoadedModel, rule: TokenRule, image: Image.Image, prom
     traced = capture(loaded, inputs, spec)
     evidence, _ = evidence_from_capture(loaded, traced, [item], max(TOPK, rule.topk), layers)
     table = pd.concat([evidence, rule.classify(evidence)], axis=1)
-    rows, cols = traced.grids[0]
-    hidden = torch.stack([traced.visual(layer) for layer in range(num_layers)])
+    # The page draws one grid over the image: the first (LLaVA-NeXT's whole-image grid before its tile grid).
+    first = traced.layouts[0]
+    table = table[table["grid"] == 0].reset_index(drop=True)
+    rows, cols = first.rows, first.cols
+    hidden = torch.stack([traced.visual(layer)[traced.visual_indices(first)] for layer in range(num_layers)])
     answer = loaded.generate_text(inputs, max_new_tokens)[0]
     return ImageReport(tokens=table, rows=rows, cols=cols, view=model_view(loaded.processor, inputs, image, (rows, cols)),
                        hidden=hidden, answer=answer, prompt=prompt)

@@ -27,6 +27,17 @@ def train_commands() -> Iterator[tuple[str, Callable[..., None], str]]:
             yield name, method.train, f"{(method.train.__doc__ or method.summary).strip().splitlines()[0]}"
 
 
+def eval_commands() -> Iterator[tuple[str, Callable[..., None], str]]:
+    """(name, typer command function, one-line help) of every method's evaluations; a name is taken once."""
+    taken = set()
+    for method in methods().values():
+        for name, command in method.evaluations:
+            if name in taken:
+                raise ValueError(f"evaluation {name!r} is registered by two methods")
+            taken.add(name)
+            yield name, command, (command.__doc__ or method.summary).strip().splitlines()[0]
+
+
 def export_command() -> Callable[..., None]:
     from efficient_models.export import exportable_methods
 

@@ -2,11 +2,14 @@
 
 A method is one subpackage of `efficient_models` whose `__init__` calls `register(Method(...))` with
 - its config class (a `workbench.configs.MethodConfig` with a `method` literal of its name);
-- its FLOPs count: prefill, decode step and training step, split by part (`workbench.flops.FlopsCount`);
+- for a method over a vision-language model's visual tokens, its FLOPs count: prefill, decode step and
+  training step, split by part (`workbench.flops.FlopsCount`); a text-only method (streaming, on-policy SFT)
+  has none;
 - optionally, how to check a trained run folder and read the config it was trained with (`check_run`);
 - optionally, how to derive a config from an analysis run (`from_run`), which `wb export-config` uses;
 - optionally, its bench variants: how to build each from a config or a trained run (`Variant`);
 - optionally, its training entry, a typer command function, which becomes `wb train <method>`;
+- optionally, its evaluations, named typer command functions, which become `wb eval <name>`;
 - once it has a model (variants or a training entry), which architecture adapters it runs on (`runs_on`),
   which README's support table reads (`wb support-table`).
 `load_config`, `wb export-config`, the app's export page and FLOPs view, `wb bench --variants` and
@@ -65,10 +68,12 @@ class Method:
     name: str
     summary: str  # one line, for help texts and the app
     config: type[MethodConfig]
-    flops: FlopsCounter
+    flops: FlopsCounter | None = None  # None: a text-only method, whose cost is no per-image count
     from_run: RunExporter | None = None
     variants: tuple[Variant, ...] = ()
     train: Callable[..., None] | None = None  # a typer command function: `wb train <name>`
+    # (name, typer command function) pairs: `wb eval <name>`; methods that share an evaluation list it once
+    evaluations: tuple[tuple[str, Callable[..., None]], ...] = ()
     run_kinds: tuple[str, ...] = ()  # analysis run kinds `from_run` reads, for help texts
     check_run: Callable[[Path], MethodConfig] | None = None  # a trained run folder's config, once it is checked
     # (config, budget) -> the config refitted to `budget` of dense visual-token-layers (`--token-budget`)
@@ -180,5 +185,8 @@ def run_config(run_dir: str | Path, name: str) -> MethodConfig:
 def count_flops(config: MethodConfig, shapes: ModelShapes, text_tokens: int, answer_tokens: int = 1,
                 decode_steps: int = 1) -> FlopsCount:
     """The method's FLOPs count of one prompt with `text_tokens` text tokens and one image (see `FlopsCount`)."""
-    return method(config.method).flops(config, shapes, text_tokens, answer_tokens, decode_steps)
+    counter = method(config.method).flops
+    if counter is None:
+        raise InputError(f"method {config.method!r} is text-only: it has no per-image FLOPs count")
+    return counter(config, shapes, text_tokens, answer_tokens, decode_steps)
 

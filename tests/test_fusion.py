@@ -152,6 +152,25 @@ def test_internal_fusion_adds_at_its_llm_layer_only_at_image_positions():
     torch.testing.assert_close(layer_inputs(loaded.model, inputs)[2], plain[2], rtol=0, atol=0)
 
 
+def test_the_schedule_engine_runs_internal_fusion_as_the_model_does():
+    """The engine builds input embeddings itself (tokens, then the tower): the tower layers kept for the fusion
+    must be this call's when the LLM layers read them."""
+    loaded = LoadedModel.from_model(tiny_llava(num_layers=4))
+    fusion = InternalFusion.for_model(loaded.adapter, resolve_layer_set([1], 2, -1))
+    with torch.no_grad():
+        for parameter in fusion.projectors.parameters():
+            parameter.normal_()
+    inputs = batch()
+    engine = ScheduledLLM(loaded.adapter, dense(4))
+    with internal_fusion(loaded.adapter, fusion), torch.no_grad():
+        expected = logits(loaded.model, inputs)
+        hidden = engine.forward(loaded.adapter.input_embeddings(inputs), inputs["input_ids"],
+                                inputs["attention_mask"]).hidden
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(loaded.adapter.lm_head(hidden)[real], expected[real], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(expected, logits(loaded.model, inputs))  # the fusion did change the answer
+
+
 def test_untrained_internal_fusion_adds_nothing():
     loaded = LoadedModel.from_model(tiny_llava(num_layers=4))
     inputs = batch()
@@ -189,6 +208,14 @@ def test_internal_fusion_trained_from_the_feature_cache_has_the_live_models_loss
             inputs["input_ids"], labels, torch.arange(2))
     assert not torch.allclose(live, plain)  # the fusion changes the loss, so the equality below says something
     torch.testing.assert_close(cached, live)
+
+
+def test_internal_fusion_trains_although_the_loaded_model_is_frozen():
+    """`load_model` freezes every weight; I_D's projectors, copies of the loaded one, are what training updates."""
+    model = tiny_llava(num_layers=4).requires_grad_(False)
+    extension = CachedInternalFusion(LoadedModel.from_model(model).adapter, [1, 2])
+    assert all(parameter.requires_grad for parameter in extension.parameters())
+    assert not any(parameter.requires_grad for parameter in model.parameters())
 
 
 def test_internal_fusion_weights_load_back_only_into_the_same_layers(tmp_path):

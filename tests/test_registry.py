@@ -189,3 +189,15 @@ def test_vica_counts_cross_attention_only_at_its_layers():
     assert vica.decode.total == pytest.approx(text_decode.total + 2 * decoder.attention_flops(2, 256))
     dense_llm = sum(token_schedule_flops(SHAPES, TEXT, [256] * LAYERS).prefill.llm_layers)
     assert 0.8 < 1 - sum(vica.prefill.llm_layers) / dense_llm < 1
+
+
+def test_a_text_only_method_registers_without_a_flops_count_and_says_so(run_wb, tmp_path):
+    text_only = Method(name="dummy", summary="a text-only method", config=DummyConfig, train=train_dummy)
+    registry.register(text_only)
+    try:
+        code, out, _ = run_wb("train", "--help")
+        assert code in (None, 0) and "dummy" in out
+        with pytest.raises(InputError, match="'dummy' is text-only: it has no per-image FLOPs count"):
+            count_flops(DummyConfig(num_llm_layers=LAYERS, marked_layers=[1]), SHAPES, TEXT)
+    finally:
+        registry.unregister("dummy")

@@ -1,7 +1,7 @@
 """The `wb` command line, mounted from the floors: each floor owns its commands, this root puts them together.
 
 - workbench: `inspect`, `models`, `data`, `eval`, `bench trace`, `train default`;
-- efficient_models: `train <method>` and `bench` for every registered method, `export-config`;
+- efficient_models: `train <method>`, `eval <name>` and `bench` for every registered method, `export-config`;
 - analyses: `analyze ...`;
 - apps: `app`;
 - the root itself: `support-table`, which reads every floor's registry.
@@ -18,7 +18,7 @@ import typer
 
 from analyses.analyze_commands import analyze_app
 from apps.app_command import serve
-from efficient_models.method_commands import bench_command, export_command, train_commands
+from efficient_models.method_commands import bench_command, eval_commands, export_command, train_commands
 from workbench import core_commands as core
 from workbench.errors import WorkbenchError
 
@@ -30,7 +30,12 @@ def build_app() -> typer.Typer:
     app.command()(core.inspect)
     app.add_typer(core.models_app, name="models")
     app.add_typer(core.data_app, name="data")
-    app.add_typer(core.eval_app, name="eval")
+    eval_app = typer.Typer(help="Evaluations: VQA accuracy on held-out probe scenes, and each method's own.",
+                           no_args_is_help=True)
+    eval_app.command("vqa")(core.eval_vqa)
+    for name, command, summary in eval_commands():
+        eval_app.command(name, help=summary)(command)
+    app.add_typer(eval_app, name="eval")
 
     train_app = typer.Typer(help="Training: the default model's recipe and every method's training entry.",
                             no_args_is_help=True)

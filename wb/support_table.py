@@ -1,7 +1,7 @@
 """README's support table: what runs on each architecture, derived from declarations, never from model names.
 
 Rows are the architectures (config `model_type`) with an adapter (`workbench.models.adapter`). Columns read:
-- the adapter's capability flags: `flat_positions` for token schedules, and each analysis's needs as
+- the adapter's capability flags: `token_schedules` for token schedules, and each analysis's needs as
   `analyses.requirements` declares them (the app makes a tokens run, so it needs what that analysis needs);
 - the method registry (`efficient_models.registry`): a method with a model says which adapters it `runs_on`; one
   that is registered without a model, or not registered at all, is "not built".
@@ -21,9 +21,9 @@ from workbench.models.adapter import ArchitectureAdapter, adapter_class_for, sup
 
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 APP_ANALYSIS = "tokens"  # the app colours patches from a tokens run; the jobs it starts carry their own needs
-SCHEDULE_NEEDS = ("flat_positions",)  # what the token-schedule engine checks before it runs a model
+SCHEDULE_NEEDS = ("token_schedules",)  # what the token-schedule engine checks before it runs a model
 FLAG_MEANINGS = {
-    "flat_positions": "one rotary position per token",
+    "token_schedules": "input embeddings and rotary position ids built outside the model",
     "tower_hidden_states": "a vision tower that returns its per-layer hidden states",
 }
 

@@ -16,7 +16,6 @@ from workbench.output_paths import output_folder
 
 models_app = typer.Typer(help="Build and describe models.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: probe scenes with ground truth.", no_args_is_help=True)
-eval_app = typer.Typer(help="Evaluations: accuracy on held-out probe scenes.", no_args_is_help=True)
 
 
 def inspect(
@@ -40,18 +39,23 @@ def inspect(
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
-    console.print(f"[bold]{image}[/] on [bold]{report.model}[/]: {report.num_visual_tokens} visual tokens "
-                  f"in a {report.grid[0]}x{report.grid[1]} grid")
+    grids = " + ".join(f"{rows}x{cols}" for rows, cols in report.grids)
+    where = f"in a {grids} grid" if len(report.grids) == 1 else f"in grids {grids}"
+    if report.non_grid_tokens:
+        where += f" and {report.non_grid_tokens} row-end tokens in no grid"
+    console.print(f"[bold]{image}[/] on [bold]{report.model}[/]: {report.num_visual_tokens} visual tokens {where}")
     console.print(f"[bold]prompt:[/] {report.prompt}\n[bold]answer:[/] {report.answer}")
     norms = Table("layer", "visual mean norm", "text mean norm", title="Mean hidden-state norm per LLM layer")
     for row in report.layer_norms:
         norms.add_row(row.layer, f"{row.visual:.2f}", f"{row.text:.2f}")
     console.print(norms)
-    nearest = Table("token", "row", "col", "norm", "nearest vocabulary tokens (cosine)",
+    several = len(report.grids) > 1  # then say which grid a token's row and column are in
+    nearest = Table("token", *(["grid"] if several else []), "row", "col", "norm", "nearest vocabulary tokens (cosine)",
                     title="Visual tokens read against the input embeddings")
     for token in report.nearest_tokens:
         words = ", ".join(f"{word!r} {score:.2f}" for word, score in token.neighbours)
-        nearest.add_row(str(token.index), str(token.row), str(token.col), f"{token.norm:.2f}", words)
+        nearest.add_row(str(token.index), *([str(token.grid)] if several else []), str(token.row), str(token.col),
+                        f"{token.norm:.2f}", words)
     console.print(nearest)
 
 
@@ -118,7 +122,6 @@ def probe_scenes(
     console.print(f"wrote {n} scenes and {path}")
 
 
-@eval_app.command("vqa")
 def eval_vqa(
     model: str = MODEL_OPTION,
     split: str = typer.Option("test", help="train, val or test."),

@@ -16,7 +16,7 @@ biases are elementwise and small beside them. A prefill of one prompt with one i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -104,6 +104,7 @@ class VisionShape:
     channels: int
     class_token: bool
     gated_mlp: bool = False
+    tiles: int = 1  # tower passes per image: anyres families encode each tile (and a base image) on its own
 
     @classmethod
     def from_config(cls, config: Any, image_size: tuple[int, int] | None = None) -> VisionShape:
@@ -126,21 +127,37 @@ class VisionShape:
         return self.patches + int(self.class_token)
 
     def flops(self) -> float:
-        """One image through the patch convolution and every layer (all run, whichever layer LLaVA reads)."""
+        """One image through the patch convolution and every layer (all run, whichever layer LLaVA reads), once
+        per tile."""
         patch_conv = 2 * self.patches * self.channels * self.patch_size ** 2 * self.hidden
         projections = 2 * self.tokens * 4 * self.hidden * self.hidden
         mlp = 2 * self.tokens * (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
         attention = 2 * 2 * self.tokens * self.tokens * self.hidden
-        return patch_conv + self.layers * (projections + mlp + attention)
+        return self.tiles * (patch_conv + self.layers * (projections + mlp + attention))
+
+
+def batch_image_size(batch: Mapping[str, Any], processor: Any) -> tuple[int, int] | None:
+    """(height, width) of the first image's pixels in a batch `processor` made: the last two dims of
+    [images, channels, height, width] pixels, or, for Qwen2-VL's flattened patches, the patch grid of
+    `image_grid_thw` times the processor's patch size; None when neither is there."""
+    if "image_grid_thw" in batch:
+        _, rows, cols = batch["image_grid_thw"][0].tolist()
+        patch = processor.image_processor.patch_size
+        return rows * patch, cols * patch
+    pixels = batch["pixel_values"]
+    return tuple(pixels.shape[-2:]) if pixels.dim() == 4 else None
+
+
+# The image counts are made on (height, width): a small square, as the processor resizes or tiles it.
+PROBE_IMAGE_SIZE = (64, 64)
 
 
 def processed_image_size(processor: Any) -> tuple[int, int] | None:
-    """(height, width) of the pixels `processor` makes of an image, or None without a processor or when it
-    does not give one image as a [channels, height, width] grid (Qwen2-VL's flattened patches)."""
+    """(height, width) of the pixels `processor` makes of a `PROBE_IMAGE_SIZE` image, or None without one."""
     if processor is None or getattr(processor, "image_processor", None) is None:
         return None
-    pixels = processor.image_processor([Image.new("RGB", (64, 64))], return_tensors="pt")["pixel_values"]
-    return tuple(pixels.shape[-2:]) if pixels.dim() == 4 else None
+    probe = Image.new("RGB", PROBE_IMAGE_SIZE[::-1])  # PIL takes (width, height)
+    return batch_image_size(processor.image_processor([probe], return_tensors="pt"), processor)
 
 
 def linear_shapes(module: nn.Module) -> tuple[tuple[int, int], ...]:
@@ -162,16 +179,13 @@ class ModelShapes:
 
     @classmethod
     def of_model(cls, loaded: Any, image_size: tuple[int, int] | None = None) -> ModelShapes:
-        """The shapes of a LLaVA-family `LoadedModel` fed images of `image_size` (height, width); by default the
-        size its processor makes (the default model's processor crops 224 px, its vision config says 518)."""
-        config = loaded.model.config
-        vision = VisionShape.from_config(config.vision_config, image_size or processed_image_size(loaded.processor))
-        # LLaVA's "default" feature selection drops CLS; "full" keeps it.
-        full = getattr(config, "vision_feature_select_strategy", "default") == "full"
+        """The shapes of a `LoadedModel` fed images of `image_size` (height, width), its adapter saying those of its
+        vision tower; by default the size its processor makes (the default model's processor crops 224 px, its
+        vision config says 518)."""
+        vision, visual_tokens = loaded.adapter.vision_shape(image_size or processed_image_size(loaded.processor))
         return cls(decoder=DecoderShape.of_model(loaded), num_llm_layers=loaded.adapter.num_llm_layers, vision=vision,
                    projector_linears=linear_shapes(loaded.adapter.projector),
-                   vocab_size=config.get_text_config().vocab_size,
-                   visual_tokens_per_image=vision.patches + int(full and vision.class_token))
+                   vocab_size=loaded.model.config.get_text_config().vocab_size, visual_tokens_per_image=visual_tokens)
 
 
 # The embedded default model (DINOv2-small at 224 px -> 256 patches, 2-layer projector, SmolLM2-135M with an

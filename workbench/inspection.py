@@ -1,6 +1,6 @@
 """A first look at how a model sees one image: what `wb inspect` prints.
 
-Counts the visual tokens and their grid, generates the model's answer, traces every LLM layer
+Counts the visual tokens and their grids, generates the model's answer, traces every LLM layer
 to compare visual and text token norms, and reads a few visual tokens against the vocabulary
 (nearest input embeddings by cosine similarity, as EmbedLens does).
 """
@@ -28,7 +28,8 @@ class LayerNorms:
 
 @dataclass
 class TokenNeighbours:
-    index: int  # visual-token index within the image, row-major
+    index: int  # grid-cell index within the image: row-major, grid after grid
+    grid: int  # which of the image's grids (0 where it has one)
     row: int
     col: int
     norm: float
@@ -39,8 +40,10 @@ class TokenNeighbours:
 class InspectReport:
     model: str
     prompt: str
-    num_visual_tokens: int
-    grid: tuple[int, int]
+    num_visual_tokens: int  # every visual token, row-end tokens in no grid included
+    grid: tuple[int, int]  # the image's first grid
+    grids: list[tuple[int, int]]  # all its grids (LLaVA-NeXT: the whole image, then its tiles)
+    non_grid_tokens: int  # visual tokens in no grid cell (LLaVA-NeXT's row ends)
     answer: str
     layer_norms: list[LayerNorms]
     nearest_tokens: list[TokenNeighbours]
@@ -104,26 +107,33 @@ def inspect_image(
     inputs = build_inputs(loaded.processor, [image], [prompt], device=loaded.device)
     check_fits_context(inputs, loaded.context_length, max_new_tokens)
     traced = capture(loaded, inputs, CaptureSpec(projector=True, embeddings=True, llm_layers="all"))
-    (layout,) = traced.layouts
+    layouts = traced.layouts  # the one image's grids
     tokenizer = loaded.processor.tokenizer
-    chosen = spread_indices(layout.num_tokens, num_tokens)
-    vectors = traced.projector[chosen]
+    # Every grid cell of the image, grid after grid: (grid, cell within it), and where it sits in `projector`.
+    cells = [(grid, cell) for grid, layout in enumerate(layouts) for cell in range(layout.num_tokens)]
+    visual_index = torch.cat([traced.visual_indices(layout) for layout in layouts])
+    chosen = spread_indices(len(cells), num_tokens)
+    vectors = traced.projector[visual_index[chosen]]
     scores, ids = vocabulary_neighbours(loaded, vectors, top_k)
-    nearest = [
-        TokenNeighbours(
+    nearest = []
+    for index, vector, row_scores, row_ids in zip(chosen, vectors, scores, ids):
+        grid, cell = cells[index]
+        nearest.append(TokenNeighbours(
             index=index,
-            row=index // layout.cols,
-            col=index % layout.cols,
+            grid=grid,
+            row=cell // layouts[grid].cols,
+            col=cell % layouts[grid].cols,
             norm=float(vector.norm()),
             neighbours=[(tokenizer.decode([int(i)]), round(float(s), 4)) for s, i in zip(row_scores, row_ids)],
-        )
-        for index, vector, row_scores, row_ids in zip(chosen, vectors, scores, ids)
-    ]
+        ))
+    num_visual_tokens = int(traced.visual_mask.sum())
     return InspectReport(
         model=loaded.name,
         prompt=prompt,
-        num_visual_tokens=layout.num_tokens,
-        grid=(layout.rows, layout.cols),
+        num_visual_tokens=num_visual_tokens,
+        grid=traced.grids[0],
+        grids=traced.grids,
+        non_grid_tokens=num_visual_tokens - len(cells),
         answer=loaded.generate_text(inputs, max_new_tokens)[0],
         layer_norms=mean_norms(traced),
         nearest_tokens=nearest,

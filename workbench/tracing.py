@@ -58,7 +58,7 @@ class Capture:
     input_ids: torch.Tensor  # [batch, seq]
     attention_mask: torch.Tensor  # [batch, seq]
     visual_mask: torch.Tensor  # [batch, seq] bool
-    layouts: list[ImageLayout]  # one per image, in input order
+    layouts: list[ImageLayout]  # one per patch grid (per image in most families), in input order
     tokens: TokenSelection
     vision: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> block output as the tower emits it
     projector_input: torch.Tensor | None = None  # [num_visual_tokens, d_in]: the features each token is made from
@@ -89,11 +89,18 @@ class Capture:
         states = self.embeddings if layer == "embeddings" else self.hidden[layer]
         return states if self.tokens == "visual" else states[self.visual_mask]
 
-    def per_image(self, visual_states: torch.Tensor, image: int) -> torch.Tensor:
-        """One image's slice of a [num_visual_tokens, ...] tensor, shaped [rows, cols, ...]."""
-        start = sum(layout.num_tokens for layout in self.layouts[:image])
-        layout = self.layouts[image]
-        return visual_states[start : start + layout.num_tokens].reshape(layout.rows, layout.cols, *visual_states.shape[1:])
+    def visual_indices(self, layout: ImageLayout) -> torch.Tensor:
+        """Where one grid's cells sit, row-major, in a [num_visual_tokens, ...] tensor (visual_mask order). A
+        running offset over the grids where every visual token is a grid cell; LLaVA-NeXT's row-end tokens are
+        visual tokens between the cells of its tile grid."""
+        rank = self.visual_mask.flatten().cumsum(0).view(self.visual_mask.shape) - 1
+        return rank[layout.sample, layout.positions.cpu()]
+
+    def per_image(self, visual_states: torch.Tensor, grid: int) -> torch.Tensor:
+        """One grid's slice of a [num_visual_tokens, ...] tensor, shaped [rows, cols, ...]; `grid` indexes
+        `layouts` (an image's, where it has one grid)."""
+        layout = self.layouts[grid]
+        return visual_states[self.visual_indices(layout)].reshape(layout.rows, layout.cols, *visual_states.shape[1:])
 
 
 @contextmanager
@@ -149,10 +156,10 @@ def capture(loaded: LoadedModel, inputs: Mapping[str, torch.Tensor], spec: Captu
                 result.vision[layer] = nnsight.save(_first(vision_envoys[layer].output).detach().cpu())
             if spec.projector_input:
                 features = resolve(envoy, adapter.projector_path).input
-                result.projector_input = nnsight.save(adapter.flatten_projector_input(features).detach().cpu())
+                result.projector_input = nnsight.save(adapter.flatten_projector_input(features, inputs).detach().cpu())
             if spec.projector:
                 projected = resolve(envoy, adapter.projector_path).output
-                result.projector = nnsight.save(adapter.flatten_projector_output(projected).detach().cpu())
+                result.projector = nnsight.save(adapter.flatten_projector_output(projected, inputs).detach().cpu())
             if spec.embeddings:
                 result.embeddings = nnsight.save(keep(llm_layer_envoys[0].input))
             for layer in range(last_needed + 1):

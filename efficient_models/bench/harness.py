@@ -34,7 +34,7 @@ from efficient_models.bench.variants import REFERENCE
 from efficient_models.variant import BenchVariant
 from workbench.errors import InputError
 from workbench.evaluation.vqa import evaluate_vqa, select_questions
-from workbench.flops import FlopsBreakdown, ModelShapes
+from workbench.flops import FlopsBreakdown, ModelShapes, batch_image_size
 from workbench.training.precision import resolve_precision
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -92,7 +92,7 @@ def benchmark(variants: Sequence[BenchVariant], batches: BenchBatches, text_toke
     dense = variants[0]
     if dense.name != REFERENCE:
         raise InputError(f"the first variant must be {REFERENCE} (every ratio is taken against it), not {dense.name!r}")
-    shapes = ModelShapes.of_model(dense.loaded, image_size=tuple(batches.prompts["pixel_values"].shape[-2:]))
+    shapes = ModelShapes.of_model(dense.loaded, image_size=batch_image_size(batches.prompts, dense.loaded.processor))
     flops = [batch_flops(variant, shapes, batches, decode_steps) for variant in variants]
     precision = resolve_precision("auto", dense.loaded.device)  # once, as a training run resolves it
     stages = {

@@ -14,6 +14,9 @@ from workbench.models.loading import LoadedModel
 from workbench.training.sequences import IGNORE_INDEX, Conversation, tokenise_conversation
 
 
+PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")  # the prompt's; the training batch has its own
+
+
 @dataclass
 class BenchBatches:
     prompts: Mapping[str, torch.Tensor]  # left-padded prompts with pixels: prefill and decode
@@ -50,8 +53,8 @@ def probe_batches(loaded: LoadedModel, questions: Sequence[Question]) -> BenchBa
     input_ids = left_pad([conversation.input_ids for conversation in conversations], pad)
     attention_mask = left_pad([torch.ones_like(conversation.input_ids) for conversation in conversations], 0)
     labels = left_pad([conversation.labels for conversation in conversations], IGNORE_INDEX)
-    training = {"input_ids": input_ids.to(loaded.device), "attention_mask": attention_mask.to(loaded.device),
-                "pixel_values": prompts["pixel_values"]}
+    images = {key: value for key, value in prompts.items() if key not in PER_TOKEN}  # pixels, and grids where given
+    training = {"input_ids": input_ids.to(loaded.device), "attention_mask": attention_mask.to(loaded.device), **images}
     return BenchBatches(prompts, training, labels.to(loaded.device))
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from efficient_models.registry import RUN_CONFIG, load_config, methods, variants
 from efficient_models.variant import BenchVariant, VariantRequest, require
-from workbench.configs import MethodConfig
+from workbench.configs import MethodConfig, first_error
 from workbench.errors import InputError
 from workbench.models import loading
 
@@ -51,5 +53,11 @@ def build_variants(names: Sequence[str], model_name: str = "default", configs: S
     for name in names:  # a missing config or run fails now, not after the dense model has loaded
         require(name, specs[name].needs, specs[name].of, by_method, run_dirs)
     loaded = loading.load_model(model_name)
-    return [specs[name].build(VariantRequest(name, loaded, lambda: loading.load_model(model_name), by_method, run_dirs))
-            for name in names]
+    built = []
+    for name in names:
+        try:
+            built.append(specs[name].build(VariantRequest(name, loaded, lambda: loading.load_model(model_name),
+                                                          by_method, run_dirs)))
+        except ValidationError as error:  # a default config that does not fit the model, e.g. too few layers
+            raise InputError(f"variant {name} does not fit {model_name}: {first_error(error)}") from None
+    return built

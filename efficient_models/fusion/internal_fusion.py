@@ -122,7 +122,8 @@ def attach(adapter: ArchitectureAdapter, fusion: InternalFusion,
         indices = [group] if isinstance(group, int) else group
         features = torch.stack([state.layer_outputs[index] for index in indices]).mean(0)
         features = features[:, 1:] if drop_cls else features
-        projected = projector(features.to(hidden.dtype)).reshape(-1, hidden.shape[-1])
+        # Under autocast the projector computes in bf16 while the residual stream stays in float32.
+        projected = projector(features.to(hidden.dtype)).to(hidden.dtype).reshape(-1, hidden.shape[-1])
         if projected.shape[0] != int(mask.sum()):
             raise ValueError(f"{int(mask.sum())} image tokens but {projected.shape[0]} fused features")
         return torch.zeros_like(hidden).masked_scatter(mask[..., None], projected)

@@ -32,6 +32,7 @@ class CachedInternalFusion(CachedExtension):
     def __init__(self, adapter: ArchitectureAdapter, groups: list[Group]):
         super().__init__()
         self.fusion = InternalFusion.for_model(adapter, groups)
+        self.fusion.requires_grad_(True)  # copies of the loaded projector, which loading froze
         self.vision_layers = self.fusion.vision_layers
         self.state = CallState()
         attach(adapter, self.fusion, cached=self.state)

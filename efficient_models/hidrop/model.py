@@ -1,4 +1,4 @@
-"""HiDrop as a model that answers questions: the default (or any LLaVA-family) model under its schedule.
+"""HiDrop as a model that answers questions: the default (or any LLaVA or Qwen2-VL family) model under its schedule.
 
 A trained run folder (`wb train hidrop`) holds the config it was trained with (`config.yaml`), the
 fine-tuned projector and LoRA; `load_hidrop_run` applies them to the dense model it was fine-tuned from.

@@ -1,4 +1,4 @@
-"""Run a LLaVA-family language model under a `TokenSchedule`: each layer sees only its visual tokens.
+"""Run a vision-language model's LLM under a `TokenSchedule`: each layer sees only its visual tokens.
 
 Read top to bottom, `ScheduledLLM.forward` is the decoder loop of the Hugging Face model with one
 change: the sequence a layer runs on is a *token set* (original indices + validity, per row) that
@@ -9,10 +9,12 @@ text is left. Tokens are physically removed, so the FLOPs and time saved are rea
 
 The cut ranks by the attention of the layer about to run, or (`ranking_layer="previous"`, FastV) of
 the layer before it, scored before that layer runs. Positions persist by default: every token keeps
-the rotary position it has in the full prompt (gaps allowed) and decoding continues from the full
-length; with `positions="renumbered"` (PyramidDrop) each token set is numbered 0..n-1 and each
-layer decodes from its own set's length. Each layer's KV cache holds that layer's token set, so
-cache lengths differ per layer; the decode step masks keys by the validity recorded at prefill.
+the rotary position ids the adapter gives it in the full prompt (gaps allowed): one per token, or
+Qwen2-VL's three (time, height, width); decoding continues after the prompt's largest id, on every
+axis (what Qwen2-VL's `rope_deltas` give). With `positions="renumbered"` (PyramidDrop) each token set
+that lacks some of the prompt's tokens is numbered 0..n-1 (on every axis, as text is) and its layers
+decode from its length. Each layer's KV cache holds that layer's token set, so cache lengths differ
+per layer; the decode step masks keys by the validity recorded at prefill.
 Rows may be left-padded; padding and removed tokens stay in the set as invalid entries (never
 attended to), which keeps every tensor rectangular. The main layers get a boolean mask (SDPA), an
 additive one (eager), or a padding mask (flash-attention 2, which the index-ordered sets allow).
@@ -54,10 +56,6 @@ class TokenSet:
 
 def rows_where(mask: torch.Tensor) -> torch.Tensor:
     """Indices of the True entries of each row of `mask` (which must have the same count per row)."""
-    counts = mask.sum(1)
-    if not bool((counts == counts[0]).all()):
-        raise InputError(f"rows of the batch hold different numbers of visual tokens ({counts.tolist()}); "
-                         "schedules need the same number of image tokens in every row")
     return torch.arange(mask.shape[1], device=mask.device).expand_as(mask)[mask].view(mask.shape[0], -1)
 
 
@@ -69,6 +67,16 @@ class ScheduleCache:
     key_valid: list[torch.Tensor]  # per layer [batch, keys]
     next_position: torch.Tensor  # [layers, batch]: rotary position of the next token in each layer
     length: int  # tokens so far in the full (unpruned) sequence
+
+
+@dataclass
+class PromptPositions:
+    """The full prompt's rotary embeddings, and where numbering continues after it."""
+
+    cos: torch.Tensor  # [batch, seq, head_dim]
+    sin: torch.Tensor
+    next_position: torch.Tensor  # [batch]: after the prompt's largest id, on every axis
+    real_tokens: torch.Tensor  # [batch]: real (not padding) tokens in the prompt
 
 
 @dataclass
@@ -90,15 +98,15 @@ class ScheduledOutput:
 
 
 class ScheduledLLM:
-    """A LLaVA-family model's language model run under a token schedule (dense: the plain model)."""
+    """A vision-language model's LLM run under a token schedule (dense: the plain model)."""
 
     def __init__(self, adapter: ArchitectureAdapter, schedule: TokenSchedule, sharpness: float = 1.0):
         if schedule.num_layers != adapter.num_llm_layers:
             raise InputError(f"schedule {schedule.name!r} is for {schedule.num_layers} layers; "
                              f"the model has {adapter.num_llm_layers}")
-        if not adapter.flat_positions:
-            raise InputError(f"{type(adapter).__name__} uses multi-axis rotary positions; token schedules "
-                             "support LLaVA-family models")
+        if not adapter.token_schedules:
+            raise InputError(f"{type(adapter).__name__} does not build its LLM's input embeddings and rotary "
+                             "positions outside the model, which token schedules need")
         self.adapter, self.schedule, self.sharpness = adapter, schedule, sharpness
         self.language_model = adapter.language_model
         self.attention = self.language_model.config._attn_implementation
@@ -130,13 +138,15 @@ class ScheduledLLM:
 
     def forward(self, embeddings: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 queries: torch.Tensor | None = None, removed: torch.Tensor | None = None, use_cache: bool = False,
-                layer_outputs: bool = False) -> ScheduledOutput:
+                layer_outputs: bool = False, positions: torch.Tensor | None = None) -> ScheduledOutput:
         """Prefill (or a training forward) over full sequences.
 
         embeddings [batch, seq, d]: token embeddings with the projector outputs at the image tokens;
         attention_mask [batch, seq]: 1 for real tokens (left padding); queries [batch, seq] bool: the rows
         whose attention ranks visual tokens (default: the last token; in training, the token before each
-        answer); removed [batch, seq] bool: visual tokens that never enter (category pruning).
+        answer); removed [batch, seq] bool: visual tokens that never enter (category pruning);
+        positions: the rotary position ids `adapter.position_ids(inputs)` gives ([batch, seq] or
+        [axes, batch, seq]); by default the adapter's from `input_ids` and the mask alone.
         """
         batch, length, _ = embeddings.shape
         device = embeddings.device
@@ -146,9 +156,17 @@ class ScheduledLLM:
         if queries is None:
             queries = torch.zeros_like(real)
             queries[:, -1] = True
-        positions = (real.long().cumsum(1) - 1).clamp_min(0)
-        cos, sin = self.language_model.rotary_emb(embeddings, positions)
-        num_visual = int(visual[0].sum())
+        if positions is None:
+            positions = self.adapter.position_ids({"input_ids": input_ids, "attention_mask": attention_mask})
+        # A token decoded after the prompt continues after its largest id on every axis (left padding sits at 0).
+        prompt = PromptPositions(*self.language_model.rotary_emb(embeddings, positions),
+                                 positions.reshape(-1, batch, length).amax((0, 2)) + 1, real.sum(1))
+        per_row = visual.sum(1)
+        if not bool((per_row == per_row[0]).all()):
+            raise InputError(f"rows of the batch hold different numbers of visual tokens ({per_row.tolist()}); "
+                             "schedules need the same number of image tokens in every row (images of one size, "
+                             "where the model tiles them or keeps their resolution)")
+        num_visual = int(per_row[0])
         counts = self.schedule.keep_counts(num_visual)
 
         text_index = rows_where(~visual)
@@ -170,12 +188,12 @@ class ScheduledLLM:
                 present, layer_inputs = 0, None
             elif 0 < counts[number] < present:
                 if scores is None:
-                    rotary = layer_inputs.rotary if layer_inputs else self.rotary(tokens, hidden, cos, sin)
+                    rotary = layer_inputs.rotary if layer_inputs else self.rotary(tokens, hidden, prompt)
                     scores = self.rank(layer, tokens, hidden, rotary, queries)
                 tokens, hidden, kept[number] = self.cut(tokens, hidden, scores, visual, entering, counts[number])
                 present, layer_inputs, scores = counts[number], None, None
             if layer_inputs is None:
-                layer_inputs = self.layer_inputs(tokens, hidden, cos, sin, positions[:, -1] + 1)
+                layer_inputs = self.layer_inputs(tokens, hidden, prompt)
             following = counts[number + 1] if number + 1 < len(counts) else 0
             if self.schedule.ranking_layer == "previous" and 0 < following < present:
                 scores = self.rank(layer, tokens, hidden, layer_inputs.rotary, queries)
@@ -190,20 +208,23 @@ class ScheduledLLM:
         state = ScheduleCache(cache, key_valid, torch.stack(next_positions), length) if use_cache else None
         return ScheduledOutput(hidden, present_mask, state, outputs, kept)
 
-    def rotary(self, tokens: TokenSet, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def renumbered(self, tokens: TokenSet, prompt: PromptPositions) -> bool:
+        """Whether the set is numbered 0..n-1 anew: under a renumbering schedule, once it lacks a real token of
+        the prompt. Until then the prompt's own ids stand (the same numbers where a token has one position;
+        Qwen2-VL's image tokens keep their grid ids)."""
+        return self.schedule.positions == "renumbered" and not bool((tokens.valid.sum(1) == prompt.real_tokens).all())
+
+    def rotary(self, tokens: TokenSet, hidden: torch.Tensor, prompt: PromptPositions
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The set's rotary embeddings: its entries' full-prompt ones (`cos`, `sin`), or renumbered 0..n-1."""
-        if self.schedule.positions == "persistent":
-            return tokens.take(cos), tokens.take(sin)
+        """The set's rotary embeddings: its entries' full-prompt ones, or renumbered 0..n-1 (on every axis)."""
+        if not self.renumbered(tokens, prompt):
+            return tokens.take(prompt.cos), tokens.take(prompt.sin)
         return self.language_model.rotary_emb(hidden, (tokens.valid.long().cumsum(1) - 1).clamp_min(0))
 
-    def layer_inputs(self, tokens: TokenSet, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     prompt_length: torch.Tensor) -> LayerInputs:
-        """`prompt_length` [batch]: real tokens in the full prompt (where persistent numbering continues)."""
-        renumbered = self.schedule.positions == "renumbered"
-        return LayerInputs(self.rotary(tokens, hidden, cos, sin),
+    def layer_inputs(self, tokens: TokenSet, hidden: torch.Tensor, prompt: PromptPositions) -> LayerInputs:
+        return LayerInputs(self.rotary(tokens, hidden, prompt),
                            self.layer_mask(self.prefill_allowed(tokens), tokens.valid, hidden.dtype),
-                           tokens.valid.sum(1) if renumbered else prompt_length)
+                           tokens.valid.sum(1) if self.renumbered(tokens, prompt) else prompt.next_position)
 
     def rank(self, layer, tokens: TokenSet, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
              queries: torch.Tensor) -> torch.Tensor:
@@ -274,7 +295,9 @@ class ScheduledLLM:
         pad = config.pad_token_id if config.pad_token_id is not None else int(eos[0])
         last_prompt = torch.zeros_like(input_ids, dtype=torch.bool)
         last_prompt[:, -1] = True
-        output = self.forward(embeddings, input_ids, attention_mask, last_prompt, removed, use_cache=use_cache)
+        positions = self.adapter.position_ids({**inputs, "attention_mask": attention_mask})
+        output = self.forward(embeddings, input_ids, attention_mask, last_prompt, removed, use_cache=use_cache,
+                              positions=positions)
         new_tokens, finished = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         hidden = output.hidden[:, -1:]
         for _ in range(max_new_tokens):
@@ -287,10 +310,13 @@ class ScheduledLLM:
             if use_cache:
                 hidden = self.decode(step, output.cache)
                 continue
-            # Without a cache: the whole sequence again, still ranked by the last prompt token.
+            # Without a cache: the whole sequence again, still ranked by the last prompt token, its positions
+            # numbered by the adapter as a longer prompt (independent of how `decode` continues them).
             input_ids = torch.cat([input_ids, token[:, None]], 1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], 1)
             embeddings = torch.cat([embeddings, step], 1)
             last_prompt = torch.cat([last_prompt, torch.zeros_like(last_prompt[:, :1])], 1)
-            hidden = self.forward(embeddings, input_ids, attention_mask, last_prompt, removed).hidden
+            positions = self.adapter.position_ids({**inputs, "input_ids": input_ids, "attention_mask": attention_mask})
+            hidden = self.forward(embeddings, input_ids, attention_mask, last_prompt, removed,
+                                  positions=positions).hidden
         return torch.stack(new_tokens, 1)

@@ -8,8 +8,10 @@ Two choices the published methods differ in:
 - `ranking_layer`: a cut before layer l ranks the visual tokens by the attention of layer l itself
   ("cut": HiDrop, PyramidDrop) or of layer l-1, the last layer that ran ("previous": FastV);
 - `positions`: every token keeps its rotary position in the full prompt, gaps left by removed tokens
-  included ("persistent": FastV, HiDrop, EmbedLens), or each layer numbers its tokens 0..n-1 anew
-  after a cut, and decoding continues from there ("renumbered": PyramidDrop).
+  included ("persistent": FastV, HiDrop, EmbedLens; Qwen2-VL's tokens keep their 3-D ids), or each
+  layer numbers its tokens 0..n-1 anew after a cut, and decoding continues from there ("renumbered":
+  PyramidDrop; on Qwen2-VL the same number on all three axes, as text is numbered, so the image's
+  tokens lose their grid positions).
 Dense, late injection, HiDrop (stage lists or the concave parametric pyramid), FastV, PyramidDrop and
 EmbedLens category removal are all schedules, so one engine (`engine.ScheduledLLM`) runs them and one
 count (`keep_counts`) compares them. The methods build them from their configs (`efficient_models/<method>/`).

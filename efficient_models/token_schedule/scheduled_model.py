@@ -18,7 +18,7 @@ from torch import nn
 from efficient_models.token_schedule.engine import ScheduleCache, ScheduledLLM
 from efficient_models.token_schedule.schedule import TokenSchedule
 from workbench.errors import InputError
-from workbench.flops import FlopsCount, ModelShapes, token_schedule_flops
+from workbench.flops import PROBE_IMAGE_SIZE, FlopsCount, ModelShapes, token_schedule_flops
 from workbench.models.inputs import build_inputs
 from workbench.models.loading import LoadedModel
 from workbench.training.sequences import IGNORE_INDEX
@@ -26,7 +26,7 @@ from workbench.training.sequences import IGNORE_INDEX
 
 def visual_tokens_per_image(loaded: LoadedModel) -> int:
     """How many visual tokens the processor gives one image (the schedules' N)."""
-    inputs = build_inputs(loaded.processor, [Image.new("RGB", (64, 64))], ["?"], device="cpu")
+    inputs = build_inputs(loaded.processor, [Image.new("RGB", PROBE_IMAGE_SIZE[::-1])], ["?"], device="cpu")
     return int(loaded.adapter.visual_token_mask(inputs["input_ids"]).sum())
 
 
@@ -39,10 +39,11 @@ def answer_queries(labels: torch.Tensor) -> torch.Tensor:
 
 
 def answer_loss(engine: ScheduledLLM, embeddings: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross entropy of the supervised tokens, the LLM run under `engine`'s schedule, ranked by the
-    token before each answer (as HiDrop ranks in training)."""
-    hidden = engine.forward(embeddings, input_ids, attention_mask, queries=answer_queries(labels)).hidden
+    token before each answer (as HiDrop ranks in training); `positions` as `ScheduledLLM.forward` takes them."""
+    hidden = engine.forward(embeddings, input_ids, attention_mask, queries=answer_queries(labels),
+                            positions=positions).hidden
     targets = labels[:, 1:]  # position t predicts token t + 1
     supervised = targets != IGNORE_INDEX
     logits = engine.adapter.lm_head(hidden[:, :-1][supervised]).float()
@@ -91,7 +92,8 @@ class ScheduledModel:
         on the last token."""
         adapter = self.loaded.adapter
         output = self.engine.forward(adapter.input_embeddings(inputs), inputs["input_ids"],
-                                     inputs.get("attention_mask"), use_cache=True)
+                                     inputs.get("attention_mask"), use_cache=True,
+                                     positions=adapter.position_ids(inputs))
         return SchedulePrefill(output.cache, adapter.lm_head(output.hidden[:, -1]).argmax(-1))
 
     def decode(self, prefilled: SchedulePrefill, steps: int) -> None:
@@ -102,8 +104,9 @@ class ScheduledModel:
             token = adapter.lm_head(hidden[:, -1]).argmax(-1)
 
     def training_loss(self, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        return answer_loss(self.engine, self.loaded.adapter.input_embeddings(inputs), inputs["input_ids"], labels,
-                           inputs.get("attention_mask"))
+        adapter = self.loaded.adapter
+        return answer_loss(self.engine, adapter.input_embeddings(inputs), inputs["input_ids"], labels,
+                           inputs.get("attention_mask"), adapter.position_ids(inputs))
 
     def flops(self, shapes: ModelShapes, text_tokens: int, answer_tokens: int = 1, decode_steps: int = 1) -> FlopsCount:
         return token_schedule_flops(shapes, text_tokens, self.schedule.keep_counts(shapes.visual_tokens_per_image),

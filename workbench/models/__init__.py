@@ -1,3 +1,4 @@
 """Models: loading, architecture adapters for each supported family, the embedded default model."""
 
-from workbench.models import llava, qwen2_vl  # noqa: F401  (importing a family registers its adapter)
+# Importing a family registers its adapter.
+from workbench.models import gemma3, idefics3, llava, llava_next, llava_onevision, qwen2_vl  # noqa: F401

@@ -3,7 +3,8 @@
 An adapter maps one Hugging Face model family onto the components every analysis and
 efficient model needs (vision tower and its layers, projector, LLM decoder layers, input
 embeddings, final norm, lm_head, image-token id) and knows how the family lays out visual
-tokens: which positions hold them and each image's patch grid (rows x cols).
+tokens: which positions hold them and each image's patch grids (rows x cols; one per image in most
+families, several for anyres tiles).
 
 Components are given as dotted module paths, so the same adapter navigates both the
 torch model and an nnsight envoy wrapped around it (see `resolve`).
@@ -21,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from workbench.errors import ModelLoadError
+from workbench.flops import VisionShape
 
 _ADAPTERS: dict[str, type[ArchitectureAdapter]] = {}
 
@@ -61,16 +63,31 @@ def resolve(root: Any, dotted_path: str) -> Any:
 
 @dataclass(frozen=True)
 class ImageLayout:
-    """Where one image's visual tokens sit in a batch: its row, token positions and patch grid."""
+    """Where one patch grid of an image sits in a batch: its row, token positions and shape. Most families give
+    an image one grid; LLaVA-NeXT's anyres gives it two (the whole image, then its tiles), each over the image."""
 
     sample: int
     positions: torch.Tensor  # token positions in the row, row-major over the grid
     rows: int
     cols: int
+    image: int  # which image of the batch (input order); an image's grids are consecutive layouts
 
     @property
     def num_tokens(self) -> int:
         return self.rows * self.cols
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """How one image's run of visual tokens divides into patch grids: the grids in order, and which tokens are
+    grid cells. The others (LLaVA-NeXT's row-end newline tokens) are visual tokens in no grid."""
+
+    grids: tuple[tuple[int, int], ...]
+    is_cell: torch.Tensor | None = None  # [tokens] bool; None: every token is a cell
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(rows * cols for rows, cols in self.grids) if self.is_cell is None else len(self.is_cell)
 
 
 @dataclass(frozen=True)
@@ -97,9 +114,9 @@ class ArchitectureAdapter(ABC):
     projector_path: ClassVar[str]
     language_model_path: ClassVar[str]
 
-    # Whether token positions are one index per token (rotary over a flat sequence), which token
-    # schedules that move tokens between layers rely on; Qwen2-VL's multi-axis positions are not.
-    flat_positions: ClassVar[bool] = True
+    # Whether the token-schedule engine can run this family's LLM: it needs the LLM's input embeddings
+    # (`input_embeddings`) and each prompt token's rotary position ids (`position_ids`) built outside the model.
+    token_schedules: ClassVar[bool] = False
     # Whether the vision tower, called alone on pixel values, returns its per-layer `hidden_states` over a
     # square patch grid (the vision-layers analysis reads them); Qwen2-VL's tower takes patches and grids.
     tower_hidden_states: ClassVar[bool] = True
@@ -184,35 +201,72 @@ class ArchitectureAdapter(ABC):
 
     @abstractmethod
     def image_grids(self, inputs: Mapping[str, torch.Tensor]) -> list[tuple[int, int]]:
-        """(rows, cols) of visual tokens for each image in the batch, in input order."""
+        """(rows, cols) of every patch grid in the batch, in input order (one per image in most families)."""
+
+    def image_tokens(self, inputs: Mapping[str, torch.Tensor]) -> list[ImageTokens]:
+        """Each image's visual tokens, in input order: one grid of cells per image unless a family says more."""
+        return [ImageTokens(grids=(grid,)) for grid in self.image_grids(inputs)]
 
     def image_layouts(self, inputs: Mapping[str, torch.Tensor]) -> list[ImageLayout]:
-        """Assign the batch's images, in order, to the runs of visual tokens in each row."""
+        """Assign the batch's images, in order, to the runs of visual tokens in each row; one layout per grid."""
         mask = self.visual_token_mask(inputs["input_ids"])
-        grids = iter(self.image_grids(inputs))
+        images = enumerate(self.image_tokens(inputs))
         layouts = []
         for sample, row in enumerate(mask):
             positions = row.nonzero().flatten()
             start = 0
             while start < len(positions):
-                rows, cols = next(grids)
-                layouts.append(ImageLayout(sample, positions[start : start + rows * cols], rows, cols))
-                start += rows * cols
-        if next(grids, None) is not None or start != len(positions):
+                image, tokens = next(images, (None, None))
+                if tokens is None or start + tokens.num_tokens > len(positions):
+                    raise ValueError("visual tokens in input_ids do not match the images' patch grids")
+                run = positions[start : start + tokens.num_tokens]
+                cells = run if tokens.is_cell is None else run[tokens.is_cell.to(run.device)]
+                for rows, cols in tokens.grids:
+                    layouts.append(ImageLayout(sample, cells[: rows * cols], rows, cols, image))
+                    cells = cells[rows * cols :]
+                start += tokens.num_tokens
+        if next(images, None) is not None:
             raise ValueError("visual tokens in input_ids do not match the images' patch grids")
         return layouts
 
-    def flatten_projector_input(self, features: torch.Tensor) -> torch.Tensor:
-        """Projector input as [num_visual_tokens, d_in]: the vision features each LLM token is made from."""
+    def flatten_projector_input(self, features: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Projector input as [num_visual_tokens, d_in] for the batch `inputs`: the vision features each LLM token
+        is made from."""
         return features.reshape(-1, features.shape[-1])
 
-    def flatten_projector_output(self, output: torch.Tensor) -> torch.Tensor:
-        """Projector output as [num_visual_tokens, d], in the order the tokens are scattered."""
+    def flatten_projector_output(self, output: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Projector output as [num_visual_tokens, d] for the batch `inputs`, in the order the tokens are scattered."""
         return output.reshape(-1, output.shape[-1])
 
     def input_embeddings(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The LLM's input embeddings [batch, seq, d]: token embeddings, projector outputs at the image tokens."""
         raise NotImplementedError(f"{type(self).__name__} does not build input embeddings outside the model")
+
+    def scatter_image_features(self, embeddings: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor
+                               ) -> torch.Tensor:
+        """The token `embeddings` of `input_ids` with `features` [visual tokens, d] put at the image tokens, in order.
+        Callers embed the tokens before they run the vision tower: hooks on `embed_tokens` mark a new call (internal
+        fusion clears the tower features it kept from the last one)."""
+        visual = self.visual_token_mask(input_ids)
+        if int(visual.sum()) != features.shape[0]:
+            raise ValueError(f"{int(visual.sum())} image tokens in the prompt but {features.shape[0]} image features")
+        return embeddings.masked_scatter(visual[..., None], features.to(embeddings.dtype))
+
+    def position_ids(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Each prompt token's rotary position ids as the model numbers them: [batch, seq], one per real token
+        (left padding at 0). A family with multi-axis rotary returns [axes, batch, seq]."""
+        real = inputs.get("attention_mask")
+        real = torch.ones_like(inputs["input_ids"]) if real is None else real
+        return (real.long().cumsum(1) - 1).clamp_min(0)
+
+    def vision_shape(self, image_size: tuple[int, int] | None) -> tuple[VisionShape, int]:
+        """The vision tower's shape for FLOPs counts on images of `image_size` (height, width; None: the config's),
+        and the visual tokens one such image gives: a ViT with one token per patch, whose CLS token LLaVA's
+        "full" feature selection keeps."""
+        config = self.model.config
+        vision = VisionShape.from_config(config.vision_config, image_size)
+        full = getattr(config, "vision_feature_select_strategy", "default") == "full"
+        return vision, vision.patches + int(full and vision.class_token)
 
     # ---- helpers ----------------------------------------------------------------------
     @staticmethod

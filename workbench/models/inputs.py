@@ -59,7 +59,8 @@ def build_inputs(
     tokenizer = processor.tokenizer
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        batch = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+        # One list per prompt: processors that group images by prompt (Gemma 3's) take a flat list as one prompt's.
+        batch = processor(images=[[image] for image in images], text=texts, return_tensors="pt", padding=True)
     except ValueError as error:
         raise InputError(f"the processor rejected the batch: {str(error).splitlines()[0]}") from None
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -24,6 +24,9 @@ class LlavaAdapter(ArchitectureAdapter):
     vision_tower_path = "model.vision_tower"
     projector_path = "model.multi_modal_projector"
     language_model_path = "model.language_model"
+    token_schedules = True
+    # What the family's `get_image_features` reads from a batch besides the pixel values.
+    image_feature_inputs: ClassVar[tuple[str, ...]] = ("image_sizes",)
 
     def image_grids(self, inputs: Mapping[str, torch.Tensor]) -> list[tuple[int, int]]:
         num_images = int(inputs["pixel_values"].shape[0])
@@ -49,26 +52,33 @@ class LlavaAdapter(ArchitectureAdapter):
         """Make the processor expand `<image>` into as many tokens as the model makes features. Older llava-hf
         processor configs lack `patch_size`, `vision_feature_select_strategy` or `num_additional_image_tokens`
         (the tower's CLS token, which the "default" strategy then drops), and without them the processor
-        counts 15 tokens for a 4x4 grid. All three are set from the model: the extra tokens by counting the
-        features of one blank image, since only the tower knows whether it has a CLS token."""
+        counts 15 tokens for a 4x4 grid. All three are set from the model: the extra tokens by counting what the
+        tower makes of one blank image, since only the tower knows whether it has a CLS token."""
         config = self.model.config
-        side = config.vision_config.image_size
-        pixel_values = processor.image_processor(images=Image.new("RGB", (side, side)),
-                                                 return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            features = len(self.image_features(pixel_values.to(self.model.device))[0])
-        patch = config.vision_config.patch_size
-        grid = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
-        dropped = 1 if config.vision_feature_select_strategy == "default" else 0  # the processor subtracts it
+        tile, patch = self.blank_tile(processor), config.vision_config.patch_size
+        grid = (tile.shape[-2] // patch) * (tile.shape[-1] // patch)
         processor.patch_size = patch
         processor.vision_feature_select_strategy = config.vision_feature_select_strategy
-        processor.num_additional_image_tokens = features - grid + dropped
+        processor.num_additional_image_tokens = self.tower_tokens(tile) - grid
 
-    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def blank_tile(self, processor: Any) -> torch.Tensor:
+        """One blank image as the processor prepares it, [1, 3, H, W] (the first tile where it makes several)."""
+        side = self.model.config.vision_config.image_size
+        pixel_values = processor.image_processor(images=Image.new("RGB", (side, side)),
+                                                 return_tensors="pt")["pixel_values"]
+        return pixel_values.reshape(-1, *pixel_values.shape[-3:])[:1]  # LLaVA-NeXT's are [images, tiles, 3, H, W]
+
+    def tower_tokens(self, tile: torch.Tensor) -> int:
+        """How many tokens the vision tower makes of a [1, 3, H, W] image: its patches and any CLS token."""
+        with torch.no_grad():
+            output = self.vision_tower(tile.to(self.model.device, self.embed_tokens.weight.dtype))
+        return output.last_hidden_state.shape[1]
+
+    def image_features(self, pixel_values: torch.Tensor, **image_inputs: torch.Tensor) -> list[torch.Tensor]:
         """Projector outputs [tokens, d] per image, selected as the model's config says."""
         config = self.model.config
         return list(self.model.get_image_features(
-            pixel_values=pixel_values.to(self.embed_tokens.weight.dtype), image_sizes=image_sizes,
+            pixel_values=pixel_values.to(self.embed_tokens.weight.dtype), **image_inputs,
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True).pooler_output)
 
@@ -77,9 +87,6 @@ class LlavaAdapter(ArchitectureAdapter):
         embeddings = self.embed_tokens(inputs["input_ids"])
         if "pixel_values" not in inputs:
             return embeddings
-        features = self.image_features(inputs["pixel_values"], inputs.get("image_sizes"))
-        features = torch.cat(features).to(embeddings.dtype)
-        visual = self.visual_token_mask(inputs["input_ids"])
-        if int(visual.sum()) != features.shape[0]:
-            raise ValueError(f"{int(visual.sum())} image tokens in the prompt but {features.shape[0]} image features")
-        return embeddings.masked_scatter(visual[..., None], features)
+        image_inputs = {key: inputs[key] for key in self.image_feature_inputs if key in inputs}
+        features = self.image_features(inputs["pixel_values"], **image_inputs)
+        return self.scatter_image_features(embeddings, inputs["input_ids"], torch.cat(features))

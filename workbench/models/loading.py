@@ -162,11 +162,16 @@ def _load_pretrained(name_or_path: str, dtype: torch.dtype, attn_implementation:
     return model, processor
 
 
+# SmolVLM's processor is Idefics3's with video added: it lays out images the same, but needs `num2words` and a
+# video processor passed to its `__init__`, and does not split a flat list of images over the prompts.
+_IMAGE_TEXT_PROCESSORS = {"smolvlm": "Idefics3Processor"}
+
+
 def _image_text_processor_class(model_type: str) -> type:
     """The family's processor class, without its video processor where it has one: transformers builds that
     one on torchvision, which the workbench's install must not have and its image-only work never uses.
     Its image processor then resolves to the PIL backend."""
-    processor_class = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
+    processor_class = getattr(transformers, _IMAGE_TEXT_PROCESSORS.get(model_type, PROCESSOR_MAPPING_NAMES[model_type]))
     attributes = processor_class.get_attributes()
     if "video_processor" not in attributes:
         return processor_class
