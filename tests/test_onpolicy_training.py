@@ -10,7 +10,7 @@ from efficient_models.onpolicy_sft import evaluation
 from efficient_models.onpolicy_sft.config import OnPolicySFTConfig, ReasonerConfig
 from efficient_models.onpolicy_sft.filtering import Sample
 from efficient_models.onpolicy_sft.loss import IGNORE
-from efficient_models.onpolicy_sft.models import load_causal_lm
+from efficient_models.onpolicy_sft.models import load_reasoning_model
 from efficient_models.onpolicy_sft.onpolicy import OnPolicySteps, read_step_log, train_onpolicy
 from efficient_models.onpolicy_sft.reasoner import solution_rows, step_plan, train_reasoner
 from efficient_models.onpolicy_sft.task import problems
@@ -66,7 +66,7 @@ def test_reasoner_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.3  # from ln(99) = 4.6: it learns the characters
     metrics = json.loads((tmp_path / "reasoner" / "metrics.json").read_text())
     assert metrics["steps"] == 5 and metrics["mean_solution_tokens"] > 300
-    reloaded, reloaded_tokenizer = load_causal_lm(tmp_path / "reasoner")
+    reloaded, reloaded_tokenizer = load_reasoning_model(tmp_path / "reasoner")
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
     assert reloaded_tokenizer.encode("7 + 3") == tokenizer.encode("7 + 3")
 

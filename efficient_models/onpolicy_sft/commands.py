@@ -45,11 +45,11 @@ def train_reasoner_command(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint, or start over."),
 ) -> None:
     """SFT on verbose step-by-step solutions: the verbose starting reasoner of on-policy SFT."""
-    from efficient_models.onpolicy_sft.models import load_causal_lm
+    from efficient_models.onpolicy_sft.models import load_reasoning_model
     from efficient_models.onpolicy_sft.reasoner import train_reasoner
 
     settings = _config(config, "reasoner", steps, model)
-    language_model, tokenizer = load_causal_lm(settings.model)
+    language_model, tokenizer = load_reasoning_model(settings.model)
     _report(train_reasoner(settings, language_model, tokenizer, out, resume=resume))
 
 
@@ -62,11 +62,11 @@ def train_onpolicy_command(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint, or start over."),
 ) -> None:
     """Fine-tune on the model's own correct samples that finish within a (shrinking) length budget."""
-    from efficient_models.onpolicy_sft.models import load_causal_lm
+    from efficient_models.onpolicy_sft.models import load_reasoning_model
     from efficient_models.onpolicy_sft.onpolicy import train_onpolicy
 
     settings = _config(config, "onpolicy-sft", steps, model)
-    language_model, tokenizer = load_causal_lm(settings.model)
+    language_model, tokenizer = load_reasoning_model(settings.model)
     _report(train_onpolicy(settings, language_model, tokenizer, out, resume=resume))
 
 
@@ -102,7 +102,7 @@ def eval_reasoning_command(
 ) -> None:
     """Accuracy (pass@1, pass@k) and length (mean, median, share truncated) on the reasoning test split."""
     from efficient_models.onpolicy_sft.evaluation import evaluate_reasoning
-    from efficient_models.onpolicy_sft.models import load_causal_lm
+    from efficient_models.onpolicy_sft.models import load_reasoning_model
     from efficient_models.onpolicy_sft.pareto import accuracy_length_figure
     from efficient_models.onpolicy_sft.task import problems as task_problems
 
@@ -111,7 +111,7 @@ def eval_reasoning_command(
     test_problems = task_problems("test", problems, task_seed)
     results = []
     for source in model:
-        language_model, tokenizer = load_causal_lm(source)
+        language_model, tokenizer = load_reasoning_model(source)
         metrics = evaluate_reasoning(language_model, tokenizer, test_problems, samples, max_new_tokens, k,
                                      temperature, seed)
         results.append({"model": source} | metrics)

@@ -19,7 +19,7 @@ import torch
 
 from efficient_models.onpolicy_sft.config import GRPOLengthConfig
 from efficient_models.onpolicy_sft.grader import is_correct
-from efficient_models.onpolicy_sft.models import RUN_MODEL, load_causal_lm, save_causal_lm
+from efficient_models.onpolicy_sft.models import RUN_MODEL, load_reasoning_model, save_causal_lm
 from efficient_models.onpolicy_sft.onpolicy import STEP_LOG, peak_memory_mb
 from efficient_models.onpolicy_sft.sampling import BudgetSchedule
 from efficient_models.onpolicy_sft.task import problems
@@ -50,7 +50,7 @@ def _model_folder(source: str, run_dir: Path) -> Path:
         return folder / RUN_MODEL if (folder / RUN_MODEL).is_dir() else folder
     folder = run_dir / START_MODEL
     if not (folder / "config.json").is_file():
-        model, tokenizer = load_causal_lm("default")
+        model, tokenizer = load_reasoning_model("default")
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return folder

@@ -59,6 +59,11 @@ def save_projector_and_lora(run_dir: Path, adapter: ArchitectureAdapter, peft_mo
     metadata = visual_input_metadata(adapter.model, processor)
     write_atomically(run_dir / "projector.safetensors",
                      lambda target: save_file(projector, str(target), metadata=metadata))
+    save_lora(run_dir, peft_model)
+
+
+def save_lora(run_dir: Path, peft_model: peft.PeftModel) -> None:
+    """The `lora/` adapter folder, each file written atomically (peft creates them 0600)."""
     lora = run_dir / "lora"
     lora.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=run_dir) as staging:
