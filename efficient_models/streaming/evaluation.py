@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from efficient_models.streaming.chat_format import ChatFormat
 from efficient_models.streaming.config import StreamingConfig
 from efficient_models.streaming.decoding import StreamingPolicy, stream_translate
@@ -104,7 +106,9 @@ def evaluate(model, tokenizer, config: StreamingConfig, pairs: Sequence[Pair], w
                                      target_offset=config.target_offset,
                                      max_tokens_per_write=config.max_tokens_per_write,
                                      max_lag_words=config.max_lag_words)
-            translations = [translate(model, tokenizer, chat, pair, policy, layout) for pair in pairs]
+            name = f"{layout} {'offline' if wait_k is OFFLINE else f'wait-{wait_k}'}"
+            translations = [translate(model, tokenizer, chat, pair, policy, layout)
+                            for pair in tqdm(pairs, desc=name, unit="pair", leave=False)]
             rows.append({"method": f"{LAYOUT_NAMES[layout]}{model_name}",
                          "policy": "offline" if wait_k is OFFLINE else f"wait-{wait_k}", "pairs": len(pairs),
                          **score(translations),
