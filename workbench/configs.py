@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -74,6 +74,19 @@ def error_lines(error: ValidationError) -> list[str]:
 
 def first_error(error: ValidationError) -> str:
     return error_lines(error)[0]
+
+
+Recipe = TypeVar("Recipe", bound=BaseModel)
+
+
+def read_recipe(path: str | Path, recipe_class: type[Recipe]) -> Recipe:
+    """A training recipe file validated as `recipe_class`; an unreadable or invalid file is one `InputError` line."""
+    try:
+        return recipe_class.model_validate(yaml.safe_load(Path(path).read_text()))
+    except OSError as error:
+        raise InputError(f"cannot read recipe {path}: {error.strerror}") from None
+    except (yaml.YAMLError, ValidationError) as error:
+        raise InputError(f"invalid recipe {path}: {str(error).splitlines()[0]}") from None
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:

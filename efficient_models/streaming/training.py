@@ -18,16 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from efficient_models.streaming.batch import StreamingExample, batch_example, collate, streaming_example
 from efficient_models.streaming.chat_format import ChatFormat
 from efficient_models.streaming.config import StreamingConfig
 from efficient_models.streaming.task import Pair, make_splits
-from workbench.configs import config_yaml, yaml_text
-from workbench.errors import InputError
+from workbench.configs import config_yaml, read_recipe, yaml_text
 from workbench.files import write_json_atomically
 from workbench.training.lora import LoraSettings, save_lora, trainable_parameters
 from workbench.training.loop import MicroBatch, TrainingResult, open_run, train
@@ -50,12 +48,7 @@ class StreamingRecipe(BaseModel):
 
 
 def load_recipe(path: Path) -> StreamingRecipe:
-    try:
-        return StreamingRecipe.model_validate(yaml.safe_load(Path(path).read_text()))
-    except OSError as error:
-        raise InputError(f"cannot read recipe {path}: {error.strerror}") from None
-    except (yaml.YAMLError, ValidationError) as error:
-        raise InputError(f"invalid recipe {path}: {str(error).splitlines()[0]}") from None
+    return read_recipe(path, StreamingRecipe)
 
 
 def smoke_recipe(recipe: StreamingRecipe, steps: int | None = None) -> StreamingRecipe:

@@ -19,15 +19,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from efficient_models.registry import run_config
 from efficient_models.token_schedule.engine import ScheduledLLM
 from efficient_models.token_schedule.scheduled_model import answer_loss, visual_tokens_per_image
 from efficient_models.token_schedule.schedule import TokenSchedule
-from workbench.configs import MethodConfig, yaml_text
+from workbench.configs import MethodConfig, read_recipe, yaml_text
 from workbench.errors import InputError
 from workbench.files import write_json_atomically
 from workbench.models.loading import LoadedModel, default_device
@@ -70,12 +69,7 @@ def finished_run_config(run_dir: str | Path, method: str) -> MethodConfig:
 
 
 def load_recipe(path: Path) -> FinetuneRecipe:
-    try:
-        return FinetuneRecipe.model_validate(yaml.safe_load(Path(path).read_text()))
-    except OSError as error:
-        raise InputError(f"cannot read recipe {path}: {error.strerror}") from None
-    except (yaml.YAMLError, ValidationError) as error:
-        raise InputError(f"invalid recipe {path}: {str(error).splitlines()[0]}") from None
+    return read_recipe(path, FinetuneRecipe)
 
 
 def smoke_recipe(recipe: FinetuneRecipe) -> FinetuneRecipe:
