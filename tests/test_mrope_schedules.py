@@ -18,6 +18,7 @@ from efficient_models.token_schedule import schedule as schedules
 from efficient_models.token_schedule.engine import ScheduledLLM
 from efficient_models.token_schedule.schedule import TokenSchedule
 from efficient_models.token_schedule.scheduled_model import visual_tokens_per_image
+from tests.schedule_properties import assert_dense_reproduces_the_model, assert_padded_batch_equals_one_by_one
 from tests.test_checkpoint_folders import qwen_folder, tiny_qwen2_5_vl
 from tests.tiny_models import qwen_batch, tiny_qwen2_vl
 from workbench.errors import InputError
@@ -80,16 +81,7 @@ def test_image_tokens_take_their_grid_row_and_column(model, batch):
                          ids=["qwen2-vl", "qwen2.5-vl"])
 def test_dense_schedule_reproduces_the_model(build, batch):
     model = build()
-    adapter = adapter_for(model)
-    engine = ScheduledLLM(adapter, schedules.dense(adapter.num_llm_layers))
-    with torch.no_grad():
-        output = engine.forward(adapter.input_embeddings(batch), batch["input_ids"], batch["attention_mask"],
-                                positions=adapter.position_ids(batch))
-        expected = model(**batch).logits
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(adapter.lm_head(output.hidden)[real], expected[real], atol=1e-5, rtol=1e-4)
-    generated = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, batch["input_ids"].shape[1]:]
-    assert torch.equal(engine.generate(batch, 5), generated)
+    assert_dense_reproduces_the_model(model, batch, positions=adapter_for(model).position_ids(batch))
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda schedule: schedule.name)
@@ -100,11 +92,7 @@ def test_cached_generation_equals_uncached(model, batch, schedule):
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda schedule: schedule.name)
 def test_padded_batch_equals_one_by_one(model, batch, schedule):
-    engine = ScheduledLLM(adapter_for(model), schedule)
-    together = engine.generate(batch, 6)
-    for row, single in enumerate(single_rows(batch)):
-        alone = engine.generate(single, 6)
-        assert torch.equal(together[row, :alone.shape[1]], alone[0])
+    assert_padded_batch_equals_one_by_one(ScheduledLLM(adapter_for(model), schedule), batch, single_rows(batch))
 
 
 def test_pruning_changes_answers(model, batch):

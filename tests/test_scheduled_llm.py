@@ -11,6 +11,7 @@ from efficient_models.fastv import FastVConfig, fastv_schedule
 from efficient_models.pdrop import PyramidDropConfig, pdrop_schedule
 from efficient_models.token_schedule.schedule import TokenSchedule
 from efficient_models.token_schedule.engine import ScheduledLLM
+from tests.schedule_properties import assert_dense_reproduces_the_model, assert_padded_batch_equals_one_by_one
 from tests.tiny_models import image_tokens_llava, llava_batch, tiny_llava
 from workbench.errors import InputError
 from workbench.models.adapter import adapter_for
@@ -47,15 +48,7 @@ def single_rows(batch):
 
 
 def test_dense_schedule_reproduces_the_model(model, batch):
-    adapter = adapter_for(model)
-    engine = ScheduledLLM(adapter, schedules.dense(LAYERS))
-    with torch.no_grad():
-        output = engine.forward(adapter.input_embeddings(batch), batch["input_ids"], batch["attention_mask"])
-        expected = model(**batch).logits
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(adapter.lm_head(output.hidden)[real], expected[real], atol=1e-5, rtol=1e-4)
-    generated = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, batch["input_ids"].shape[1]:]
-    assert torch.equal(engine.generate(batch, 5), generated)
+    assert_dense_reproduces_the_model(model, batch)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda schedule: schedule.name)
@@ -66,11 +59,7 @@ def test_cached_generation_equals_uncached(model, batch, schedule):
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda schedule: schedule.name)
 def test_padded_batch_equals_one_by_one(model, batch, schedule):
-    engine = ScheduledLLM(adapter_for(model), schedule)
-    together = engine.generate(batch, 6)
-    for row, single in enumerate(single_rows(batch)):
-        alone = engine.generate(single, 6)
-        assert torch.equal(together[row, :alone.shape[1]], alone[0])
+    assert_padded_batch_equals_one_by_one(ScheduledLLM(adapter_for(model), schedule), batch, single_rows(batch))
 
 
 def test_pruning_changes_answers_and_keeps_the_counted_tokens(model, batch):
