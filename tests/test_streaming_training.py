@@ -66,3 +66,23 @@ def test_bad_options_are_one_line(tmp_path, run_wb, tiny_language_model):
     config.write_text("method: streaming\nwait_k: 0\n")
     code, stdout, stderr = run_wb("train", "streaming", "--config", str(config), "--out", str(tmp_path / "run"))
     assert code != 0 and "wait_k" in stdout + stderr
+
+
+def test_the_streaming_loss_runs_under_bf16_autocast_close_to_fp32():
+    """The recipe's `precision: auto` is bf16 here: the fp32 streaming mask (blocked = fp32 minimum) must neither
+    overflow to NaN nor be ignored under bf16 autocast."""
+    from efficient_models.streaming.batch import collate, streaming_example
+    from efficient_models.streaming.groups import SourceGroup
+    from efficient_models.streaming.training import StreamingLoss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64, attn_implementation="sdpa"))
+    source = SourceGroup.build([3, 4], [[5, 6], [7], [8, 9]], [2])
+    example = streaming_example(source, [10, 11, 12, 13, 1], [0, 0, 1, 2, 3], wait_k=1)
+    batch = collate([example], torch.float32, pad_id=0)
+    loss = StreamingLoss(model)
+    exact = loss(**batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        approximate = loss(**batch)
+    assert torch.isfinite(approximate) and abs(approximate.item() - exact.item()) < 0.05 * exact.item()

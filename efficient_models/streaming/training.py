@@ -84,7 +84,7 @@ class StepPlan(Sequence):
         chosen = [self.examples[index] for index in self.order[step * size:(step + 1) * size]]
         groups = [chosen[start:start + self.recipe.micro_batch_size]
                   for start in range(0, len(chosen), self.recipe.micro_batch_size)]
-        # The float mask is built in fp32: the recipe trains in fp32 (a bf16 query would need a bf16 mask).
+        # An fp32 mask also under bf16 autocast, which casts it with the query in SDPA.
         return [MicroBatch(collate(group, torch.float32, self.pad_id), loss_divisor=len(groups)) for group in groups]
 
 
