@@ -29,12 +29,12 @@ def test_readme_holds_the_generated_table():
 
 def test_the_table_follows_an_adapters_capability_flags(monkeypatch):
     before = render_table()
-    assert row(before, "qwen2_vl")[1:] == ["yes", "all but vision-layers", "yes", "yes", "not built (config only)",
-                                           "no", "not built"]
+    assert row(before, "qwen2_vl")[1:7] == ["yes", "all but vision-layers", "yes", "yes", "yes", "no"]
 
     monkeypatch.setattr(Qwen2VLAdapter, "token_schedules", False)
-    assert row(render_table(), "qwen2_vl")[2:5] == ["all but probe, similarity, vision-layers, interventions", "yes",
-                                                    "no"]
+    # ViCA's decoder is built on the token-schedule engine, so it follows the same flag.
+    assert row(render_table(), "qwen2_vl")[2:6] == [
+        "all but probe, similarity, vision-layers, interventions, vica-layers", "yes", "no", "no"]
     monkeypatch.setattr(LlavaAdapter, "tower_hidden_states", False)
     assert row(render_table(), "llava")[2] == "all but vision-layers"
     assert render_table() != before

@@ -1,6 +1,7 @@
 """Fine-tune the default model (projector + a fresh LoRA) with a model change active: the default recipe's
 stage 2 run through `ScheduledLLM`, shared by the methods that train this way (`wb train hidrop` with its
-token schedule, `wb train fusion` with its fused vision layers on the dense schedule).
+token schedule, `wb train fusion` with its fused vision layers on the dense schedule, `wb train vica` with its
+own `ScheduledLLM` subclass).
 
 Question/answer conversations on probe scenes, several per conversation, answer-only loss; the query rows
 that rank visual tokens at a cut are the token before each answer, as HiDrop does in training, and the
@@ -13,7 +14,7 @@ The run folder ends with what the method saves beside (its config), `recipe.yaml
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,7 @@ from efficient_models.token_schedule.schedule import TokenSchedule
 from workbench.configs import MethodConfig, read_recipe, yaml_text
 from workbench.errors import InputError
 from workbench.files import write_json_atomically
+from workbench.models.adapter import ArchitectureAdapter
 from workbench.models.loading import LoadedModel, default_device
 from workbench.training.batches import micro_batches, plan_steps
 from workbench.training.features import embeddings_from_features, prepare_features
@@ -144,11 +146,14 @@ def metrics(record: TrainingRecord, schedule: TokenSchedule, num_visual: int, re
 
 def finetune(loaded: LoadedModel, schedule: TokenSchedule, recipe: FinetuneRecipe, run_dir: Path,
              saved_beside: Mapping[str, str], description: str, resume: bool = True,
-             extension: CachedExtension | None = None) -> TrainingResult:
+             extension: CachedExtension | None = None,
+             engine: Callable[[ArchitectureAdapter], ScheduledLLM] | None = None) -> TrainingResult:
     """Fine-tune `loaded` (the default model, already changed as the method needs) under `schedule`.
 
     `saved_beside`: the method's files to keep with the weights (e.g. its config); `recipe.yaml` is added.
     `extension`: modules the method added, trained too and saved beside the weights.
+    `engine`: builds the decoder the loss runs, on the adapter once the LoRA sits in it, for a method that changes
+    more than which tokens a layer sees (ViCA's cross-attention); by default `ScheduledLLM` under `schedule`.
     """
     num_visual = visual_tokens_per_image(loaded)
     run_dir = Path(run_dir)
@@ -163,7 +168,7 @@ def finetune(loaded: LoadedModel, schedule: TokenSchedule, recipe: FinetuneRecip
         lora_seed = int(np.random.default_rng([LORA_INIT_STREAM, recipe.optimisation.seed]).integers(2**31))
         peft_model = add_lora(loaded.adapter, recipe.lora, lora_seed)
         adapter = loaded.adapter  # LoRA layers now sit inside its modules
-        engine = ScheduledLLM(adapter, schedule, sharpness=recipe.selection_sharpness)
+        runner = engine(adapter) if engine else ScheduledLLM(adapter, schedule, sharpness=recipe.selection_sharpness)
         plan = step_plan(recipe, cached.scenes, cached.features.shape[1], loaded.processor,
                          loaded.processor.tokenizer.pad_token_id)
 
@@ -177,7 +182,7 @@ def finetune(loaded: LoadedModel, schedule: TokenSchedule, recipe: FinetuneRecip
         parameters = trainable_parameters(loaded.model)
         if extension is not None:
             parameters |= {f"extension.{name}": parameter for name, parameter in extension.named_parameters()}
-        loss = ScheduledLoss(loaded.model, engine, cached.features, extension, cached.layers)
+        loss = ScheduledLoss(loaded.model, runner, cached.features, extension, cached.layers)
         record = train(loss, parameters, plan, optimisation, run_dir,
                        seed_entropy=(STEP_SEED_STREAM, recipe.optimisation.seed), description=description,
                        on_finish=write_outputs)

@@ -1,20 +1,25 @@
 """ViCA: visual tokens skip every self-attention and FFN; text reads them by cross-attention at a few layers.
 
-Registers the `vica` method's config (cross-attention layers, from a similarity run) and its FLOPs count.
-The model itself is not built yet, so ViCA has no bench variant or training entry.
+Registers the `vica` method: its config (cross-attention layers, from a similarity run; prefix freezing; an
+optional share of visual tokens kept, ViCA plus pruning), its FLOPs count (`cost.py`), `wb train vica`
+(projector + LoRA with ViCA active, `training.py`) and two bench variants: `vica`, a trained run, and
+`vica-dropin`, a config on the dense weights. The model is `engine.py` (`model.py` makes it a bench variant).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from efficient_models.registry import Method, register
+from efficient_models.registry import Method, Variant, register
+from efficient_models.token_schedule.finetune_command import finetune_command
+from efficient_models.vica.cost import vica_flops
 from workbench.configs import LayeredConfig
-from workbench.errors import InputError
 
-CROSS_ATTENTION_LAYERS = 3  # how many layers an export picks
+# An export picks the share of layers the reference's 7B model cross-attends at: 8 of 32.
+REFERENCE_SHARE = 8 / 32
 
 
 class ViCAConfig(LayeredConfig):
@@ -22,6 +27,13 @@ class ViCAConfig(LayeredConfig):
 
     method: Literal["vica"] = "vica"
     cross_attention_layers: list[int] = Field(min_length=1)
+    # The reference's 7B model: text tokens before the image end get no attention update (no query rows) in any
+    # layer; they still run the FFN and later tokens read their K/V.
+    freeze_prefix: bool = True
+    # ViCA plus pruning: the share of each image's visual tokens every cross-attention reads, ranked at the first
+    # selected layer by the attention of the last prompt token (in training, the token before each answer).
+    # None: all of them.
+    keep: float | None = Field(default=None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _layers(self):
@@ -32,39 +44,42 @@ class ViCAConfig(LayeredConfig):
         return self
 
 
-def _flops(config: ViCAConfig, shapes, text_tokens, answer_tokens=1, decode_steps=1):
-    """No visual token in any layer's input; at each cross-attention layer the layer's own k/v projections run
-    over the N visual tokens and the text queries (the prompt, then each decoded token) attend to them."""
-    from workbench.flops import FlopsBreakdown, FlopsCount, decode_flops, prefill_flops, training_step_flops
-
-    decoder, visual = shapes.decoder, shapes.visual_tokens_per_image
-    text_only = [0] * shapes.num_llm_layers
-
-    def with_cross(breakdown: FlopsBreakdown, queries: int, projections: bool) -> FlopsBreakdown:
-        layers = list(breakdown.llm_layers)
-        for layer in config.cross_attention_layers:
-            layers[layer] += decoder.attention_flops(queries, visual)
-            layers[layer] += decoder.kv_projection_flops(visual) if projections else 0.0
-        return FlopsBreakdown(breakdown.vision, breakdown.projector, layers, breakdown.token_scoring, breakdown.lm_head)
-
-    # The projector runs over the visual tokens although no decoder layer's input holds them.
-    return FlopsCount(
-        visual_tokens_per_layer=[0.0] * shapes.num_llm_layers,
-        prefill=with_cross(prefill_flops(shapes, text_tokens, text_only), text_tokens, projections=True),
-        decode=with_cross(decode_flops(shapes, text_tokens, text_only, decode_steps), decode_steps, projections=False),
-        training_step=training_step_flops(with_cross(
-            prefill_flops(shapes, text_tokens, text_only, lm_head_tokens=answer_tokens), text_tokens, projections=True)))
-
-
 def _from_run(store) -> dict:
-    """The layers where the text gains most from the image: the largest steps of the vision-effect curve."""
-    if store.manifest["kind"] != "similarity":
-        raise InputError(f"--method vica needs a similarity run; {store.folder} is a {store.manifest['kind']!r} run")
-    curves = store.read_table("layers")
-    steps = curves["vision_effect"].diff().fillna(curves["vision_effect"])
-    layers = sorted(int(layer) for layer in curves.loc[steps.nlargest(CROSS_ATTENTION_LAYERS).index, "layer"])
-    return {"cross_attention_layers": layers}
+    """The layers a vica-layers run measures as most needed (its text->visual cut raises the answer loss most),
+    or, from a similarity run, the largest steps of the image's effect on the text (a cheaper proxy)."""
+    from efficient_models.vica.layer_choice import layers_from_run
+
+    layers = len(store.read_table("layers"))
+    return {"cross_attention_layers": layers_from_run(store, math.ceil(layers * REFERENCE_SHARE))}
 
 
-register(Method(name="vica", summary="visual tokens skip the layers; text cross-attends at a few layers",
-                config=ViCAConfig, flops=_flops, from_run=_from_run, run_kinds=("similarity",)))
+def _trained(request):
+    from efficient_models.vica.model import load_vica_run
+
+    return load_vica_run(request.run("vica"), request.load_fresh())
+
+
+def _dropin(request):
+    from efficient_models.vica.model import ViCAModel
+
+    return ViCAModel.of(request.loaded, request.config("vica"), name="vica-dropin")
+
+
+def _check_run(run_dir):
+    from efficient_models.vica.model import check_vica_run
+
+    return check_vica_run(run_dir)
+
+
+register(Method(
+    name="vica", summary="visual tokens skip the layers; text cross-attends at a few layers",
+    config=ViCAConfig, flops=vica_flops, from_run=_from_run, run_kinds=("vica-layers", "similarity"), check_run=_check_run,
+    # What the token-schedule engine needs (input embeddings and rotary positions built outside the model) is
+    # what ViCA's decoder, built on it, needs; each such family's decoder has Llama-style k / v projections.
+    runs_on=lambda adapter: adapter.token_schedules,
+    train=finetune_command("vica", ViCAConfig, "efficient_models.vica.training",
+                           "Fine-tune the default model (projector + LoRA) with ViCA's cross-attention active."),
+    variants=(Variant("vica", "a trained `wb train vica` run", _trained, needs="run", of="vica"),
+              Variant("vica-dropin", "a vica config on the dense weights, untrained", _dropin,
+                      needs="config", of="vica")),
+))
