@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from analyses.vica_layers_command import vica_layers
 from workbench.console import MODEL_OPTION, console, load_with_notes
 from workbench.errors import InputError
 from workbench.output_paths import output_folder
@@ -180,6 +181,27 @@ def similarity(
     _print(summary, as_json, table)
 
 
+@analyze_app.command("routing")
+def routing(
+    run: Path = typer.Option(..., "--run", help="A finished `wb train skipgpt` run folder (either stage)."),
+    out: str = OUT_OPTION,
+    blocks: int = typer.Option(64, "--blocks", min=1, help="Test blocks of the run's text to route."),
+    batch_size: int = BATCH_OPTION,
+    position_bins: int = typer.Option(8, "--position-bins", min=2, help="Equal bins of a block's token positions."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Where a SkipGPT run's routers spend compute: per layer, attention against MLP, by token position."""
+    from analyses.routing import RoutingConfig, analyze_routing
+
+    summary = analyze_routing(run, out, RoutingConfig(blocks=blocks, batch_size=batch_size,
+                                                      position_bins=position_bins))
+    table = Table("measure", "value", title=f"SkipGPT routing -> {out}")
+    for key in ("attention_skipped", "mlp_skipped", "modules_skipped", "attention_more_redundant_than_mlp",
+                "later_tokens_skip_less_attention", "later_tokens_skip_more_mlp"):
+        table.add_row(key.replace("_", " "), str(summary[key]))
+    _print(summary, as_json, table)
+
+
 @analyze_app.command("vision-layers")
 def vision_layers(
     model: str = MODEL_OPTION, images: str = IMAGES_OPTION, out: str = OUT_OPTION,
@@ -243,6 +265,9 @@ def interventions(
     for name, accuracy in summary["accuracy"].items():
         table.add_row(name, f"{accuracy:.1%}")
     _print(summary, as_json, table)
+
+
+analyze_app.command("vica-layers")(vica_layers)
 
 
 @analyze_app.command("report")

@@ -14,5 +14,7 @@ ANALYSIS_NEEDS: dict[str, tuple[str, ...]] = {
     "similarity": ("token_schedules",),  # the image's effect is measured against a schedule without visual tokens
     "vision-layers": ("tower_hidden_states",),
     "interventions": ("token_schedules",),  # removal, exit and injection are token schedules
+    "vica-layers": ("token_schedules",),  # the cut runs on the engine's embeddings and position ids
+    "routing": (),  # routes a SkipGPT run's text-only causal LM: no image, no adapter flag
     "report": (),  # reads finished runs only
 }
