@@ -99,6 +99,18 @@ def test_flops_per_question_are_the_mean_over_prompt_lengths(loaded, report):
     assert report.variants[0].prefill_flops.total == pytest.approx(expected)
 
 
+def test_visual_side_flops_are_what_the_image_adds_to_the_llm(loaded, report):
+    from workbench.flops import ModelShapes, prefill_flops
+
+    shapes = ModelShapes.of_model(loaded, image_size=(28, 28))
+    dense, *pruned = report.variants
+    with_image, without = prefill_flops(shapes, 6, [4] * LAYERS).llm, prefill_flops(shapes, 6, [0] * LAYERS).llm
+    assert 0 < dense.visual_side_flops and report.visual_side_share(dense) == 1.0
+    assert dense.visual_side_flops == pytest.approx((2 * (prefill_flops(shapes, 5, [4] * LAYERS).llm - prefill_flops(
+        shapes, 5, [0] * LAYERS).llm) + with_image - without) / 3)
+    assert all(0 < report.visual_side_share(variant) < 1 for variant in pruned)
+
+
 def test_the_report_files_round_trip(report, tmp_path):
     json_path, plot_path = reports.write_report(report, tmp_path / "bench")
     data = json.loads(json_path.read_text())
@@ -203,7 +215,7 @@ def test_bad_variant_names_and_missing_options_fail_before_loading(tmp_path):
 def test_wb_bench_reports_a_bad_variant_in_one_line(run_wb):
     code, _, err = run_wb("bench", "--variants", "dense,nope")
     assert code == 2 and err.strip() == ("error: unknown variant 'nope'; choose from dense, fastv, fastv-matched, fusion, fusion-dropin, "
-                                         "hidrop, hidrop-dropin, injection, pdrop, pdrop-persistent")
+                                         "hidrop, hidrop-dropin, injection, pdrop, pdrop-persistent, vica, vica-dropin")
 
 
 def test_published_pyramiddrop_refuses_a_shallow_model_and_pdrop_persistent_scales_to_it(loaded, monkeypatch):

@@ -34,7 +34,7 @@ from efficient_models.bench.variants import REFERENCE
 from efficient_models.variant import BenchVariant
 from workbench.errors import InputError
 from workbench.evaluation.vqa import evaluate_vqa, select_questions
-from workbench.flops import FlopsBreakdown, ModelShapes, batch_image_size
+from workbench.flops import FlopsBreakdown, ModelShapes, batch_image_size, prefill_flops
 from workbench.training.precision import resolve_precision
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -108,6 +108,9 @@ def benchmark(variants: Sequence[BenchVariant], batches: BenchBatches, text_toke
                          for row, variant_flops in zip(values, flops)]
     memory = [prefill_memory(variant, batches.prompts) for variant in variants]
     results = []
+    # A question's LLM FLOPs with no visual token anywhere: what is left of a variant's LLM FLOPs above it is the
+    # compute it spends on the image (visual tokens in layers, their ranking, cross-attention to them).
+    text_only = {length: prefill_flops(shapes, length, [0] * shapes.num_llm_layers).llm for length in set(text_tokens)}
     for index, variant in enumerate(variants):
         counts = {length: variant.flops(shapes, length) for length in set(text_tokens)}
         per_question = [counts[length] for length in text_tokens]
@@ -116,6 +119,8 @@ def benchmark(variants: Sequence[BenchVariant], batches: BenchBatches, text_toke
             visual_tokens_per_layer=per_question[0].visual_tokens_per_layer,
             average_visual_tokens=per_question[0].average_visual_tokens,
             prefill_flops=FlopsBreakdown.mean([count.prefill for count in per_question]),
+            visual_side_flops=sum(counts[length].prefill.llm - text_only[length] for length in text_tokens)
+            / len(text_tokens),
             prefill=speeds["prefill"][index], decode=speeds["decode"][index], training_step=speeds["training"][index],
             memory_bytes=memory[index][0], memory_ratio=memory[index][0] / memory[0][0],
             accuracy=(accuracy or {}).get(variant.name)))

@@ -45,6 +45,7 @@ class VariantResult:
     visual_tokens_per_layer: list[float]  # in each decoder layer's input
     average_visual_tokens: float
     prefill_flops: FlopsBreakdown  # mean per question, from each prompt's real length
+    visual_side_flops: float  # mean per question: the LLM's prefill FLOPs above the same prompt without the image
     prefill: Speed
     decode: Speed
     training_step: Speed
@@ -84,10 +85,15 @@ class BenchReport:
         gain = dense.overall - self.no_vision.overall
         return (variant.accuracy.overall - self.no_vision.overall) / gain if gain > 0 else None
 
+    def visual_side_share(self, variant: VariantResult) -> float:
+        """The variant's LLM compute on the image as a share of dense's (ViCA's "visual-side compute")."""
+        return variant.visual_side_flops / self.variants[0].visual_side_flops
+
     def to_dict(self) -> dict:
         data = asdict(self)
         for variant, row in zip(self.variants, data["variants"]):
-            row |= {"share_of_dense": self.share_of_dense(variant), "vision_gain_kept": self.vision_gain_kept(variant)}
+            row |= {"share_of_dense": self.share_of_dense(variant), "vision_gain_kept": self.vision_gain_kept(variant),
+                    "visual_side_share": self.visual_side_share(variant)}
         return data
 
 
@@ -127,11 +133,12 @@ def write_report(report: BenchReport, out_dir: Path) -> tuple[Path, Path]:
 def print_report(report: BenchReport, console: Console) -> None:
     """Three tables: cost and accuracy, measured speedups against dense, accuracy per question type."""
     floor = "" if report.no_vision is None else f"; no vision (dense, image zeroed): {report.no_vision.overall:.1%}"
-    cost = Table("variant", "tokens/layer", "accuracy", "vision gain kept", "% of dense", "GFLOPs", "predicted",
-                 "memory", title=f"{report.model} on {report.device}: {report.questions}",
+    cost = Table("variant", "tokens/layer", "accuracy", "vision gain kept", "% of dense", "GFLOPs", "visual side",
+                 "predicted", "memory", title=f"{report.model} on {report.device}: {report.questions}",
                  caption="vision gain kept: (accuracy - no vision) / (dense - no vision)"
-                         f"{floor}; visual tokens per layer; counted prefill GFLOPs per question and the speedup "
-                         f"they predict; memory ({report.memory_measure}) as a ratio to dense")
+                         f"{floor}; visual tokens per layer; counted prefill GFLOPs per question, the LLM's share of "
+                         f"them spent on the image against dense's (visual side), and the speedup they predict; "
+                         f"memory ({report.memory_measure}) as a ratio to dense")
     speeds = Table("variant", "prefill", "decode", "train step",
                    title=f"Measured speedup vs dense (measured / predicted), batch {report.batch_size}, "
                          f"median of {report.repeats}")
@@ -140,7 +147,8 @@ def print_report(report: BenchReport, console: Console) -> None:
         kept, share = report.vision_gain_kept(variant), report.share_of_dense(variant)
         cost.add_row(variant.name, f"{variant.average_visual_tokens:.1f}", accuracy,
                      "-" if kept is None else f"{kept:.0%}", "-" if share is None else f"{share:.0%}",
-                     f"{variant.prefill_flops.total / 1e9:.3g}", f"{variant.prefill.predicted_speedup:.2f}x",
+                     f"{variant.prefill_flops.total / 1e9:.3g}", f"{report.visual_side_share(variant):.1%}",
+                     f"{variant.prefill.predicted_speedup:.2f}x",
                      f"{variant.memory_ratio:.2f}x")
         speeds.add_row(variant.name, *(f"{figure.speedup:.2f}x ({figure.measured_over_predicted:.2f})"
                                        for figure in (variant.prefill, variant.decode, variant.training_step)))
