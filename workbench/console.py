@@ -1,10 +1,12 @@
-"""What every `wb` command shares: the two consoles, the --model option and loading with notes.
+"""What every `wb` command shares: the two consoles, the --model option, loading with notes, Markdown tables.
 
 Results go to stdout (`console`); notes, spinners and progress go to stderr (`status_console`),
 so that `--json` output on stdout stays parseable.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import typer
 from rich.console import Console
@@ -24,3 +26,12 @@ def load_with_notes(name: str, **options):
     for note in loaded.notes:
         status_console.print(f"[yellow]note:[/] {note}")
     return loaded
+
+
+def markdown_table(rows: Sequence[Mapping], columns: Sequence[str], digits: int = 2) -> str:
+    """`rows`' `columns` as a Markdown table (the `table.md` results folders keep), floats to `digits` places."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{row[key]:.{digits}f}" if isinstance(row[key], float) else str(row[key]) for key in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -7,20 +7,12 @@ from pathlib import Path
 
 import typer
 
-from workbench.console import console
+from workbench.console import console, markdown_table
 from workbench.errors import InputError
 from workbench.output_paths import output_folder
 
 TABLE_COLUMNS = ("model", "perplexity", "attention_skipped", "mlp_skipped", "modules_skipped", "forward_seconds",
                  "speedup")
-
-
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for row in rows:
-        cells = [f"{row[key]:.3f}" if isinstance(row[key], float) else str(row[key]) for key in TABLE_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def eval_command(
@@ -73,7 +65,7 @@ def eval_command(
         "run": str(run), "data": "pydoc_data.topics test split", "blocks": len(test), "block_size": size,
         "timing_blocks": min(timing_blocks, len(test)), "device": device, "rows": rows,
         "routing": routing, **extra})
-    table = markdown_table(rows)
+    table = markdown_table(rows, TABLE_COLUMNS, digits=3)
     write_text_atomically(out / "table.md", table)
     console.print(table)
     if baselines:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from workbench.console import console
+from workbench.console import console, markdown_table
 from workbench.errors import InputError
 from workbench.output_paths import output_folder
 
@@ -24,14 +24,6 @@ def parse_wait_ks(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise InputError(f"--wait-k {text!r}: give at least one k, each at least 1")
     return values
-
-
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for row in rows:
-        cells = [f"{row[key]:.2f}" if isinstance(row[key], float) else str(row[key]) for key in TABLE_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def bleu_laal_figure(rows: list[dict]):
@@ -75,7 +67,7 @@ def eval_command(
                     model_name=f", {trained}")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomically(out / "results.json", {"run": str(run), "trained_wait_k": config.wait_k, "rows": rows})
-    table = markdown_table(rows)
+    table = markdown_table(rows, TABLE_COLUMNS, digits=2)
     write_text_atomically(out / "table.md", table)
     write_text_atomically(out / "bleu_laal.html", bleu_laal_figure(rows).to_html(include_plotlyjs="cdn"))
     console.print(table)

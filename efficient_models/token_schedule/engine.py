@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
@@ -77,6 +78,14 @@ class PromptPositions:
     sin: torch.Tensor
     next_position: torch.Tensor  # [batch]: after the prompt's largest id, on every axis
     real_tokens: torch.Tensor  # [batch]: real (not padding) tokens in the prompt
+
+
+class PromptInputs(NamedTuple):
+    real: torch.Tensor  # [batch, seq] bool: not padding
+    visual: torch.Tensor  # [batch, seq] bool: image tokens
+    entering: torch.Tensor  # [batch, seq] bool: the real visual tokens not removed
+    queries: torch.Tensor  # [batch, seq] bool: the rows whose attention ranks visual tokens
+    prompt: PromptPositions
 
 
 @dataclass
@@ -136,6 +145,25 @@ class ScheduledLLM:
 
     # --- prefill -------------------------------------------------------------------------
 
+    def prompt_inputs(self, embeddings: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      queries: torch.Tensor | None, removed: torch.Tensor | None, positions: torch.Tensor | None
+                      ) -> PromptInputs:
+        """`forward`'s arguments resolved: which tokens are real and visual, which visual ones enter (not
+        `removed`), the ranking query rows (default: the last token), and the rotary tables."""
+        batch, length, _ = embeddings.shape
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        visual = self.adapter.visual_token_mask(input_ids)
+        entering = visual & real & (~removed.to(embeddings.device) if removed is not None else True)
+        if queries is None:
+            queries = torch.zeros_like(real)
+            queries[:, -1] = True
+        if positions is None:
+            positions = self.adapter.position_ids({"input_ids": input_ids, "attention_mask": attention_mask})
+        # A token decoded after the prompt continues after its largest id on every axis (left padding sits at 0).
+        prompt = PromptPositions(*self.language_model.rotary_emb(embeddings, positions),
+                                 positions.reshape(-1, batch, length).amax((0, 2)) + 1, real.sum(1))
+        return PromptInputs(real, visual, entering, queries, prompt)
+
     def forward(self, embeddings: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 queries: torch.Tensor | None = None, removed: torch.Tensor | None = None, use_cache: bool = False,
                 layer_outputs: bool = False, positions: torch.Tensor | None = None) -> ScheduledOutput:
@@ -150,17 +178,8 @@ class ScheduledLLM:
         """
         batch, length, _ = embeddings.shape
         device = embeddings.device
-        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        visual = self.adapter.visual_token_mask(input_ids)
-        entering = visual & real & (~removed.to(device) if removed is not None else True)
-        if queries is None:
-            queries = torch.zeros_like(real)
-            queries[:, -1] = True
-        if positions is None:
-            positions = self.adapter.position_ids({"input_ids": input_ids, "attention_mask": attention_mask})
-        # A token decoded after the prompt continues after its largest id on every axis (left padding sits at 0).
-        prompt = PromptPositions(*self.language_model.rotary_emb(embeddings, positions),
-                                 positions.reshape(-1, batch, length).amax((0, 2)) + 1, real.sum(1))
+        real, visual, entering, queries, prompt = self.prompt_inputs(embeddings, input_ids, attention_mask, queries,
+                                                                     removed, positions)
         per_row = visual.sum(1)
         if not bool((per_row == per_row[0]).all()):
             raise InputError(f"rows of the batch hold different numbers of visual tokens ({per_row.tolist()}); "

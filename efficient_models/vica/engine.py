@@ -36,7 +36,6 @@ import torch
 from transformers import DynamicCache
 
 from efficient_models.token_schedule.engine import (
-    PromptPositions,
     ScheduleCache,
     ScheduledLLM,
     ScheduledOutput,
@@ -115,17 +114,9 @@ class ViCALLM(ScheduledLLM):
         are never read. `hidden` holds the final-normed states of the text tokens (`present`); the fast form
         leaves zeros at the visual tokens, the masks form their own rows. With `keep`, `kept` maps the first
         selected layer to the visual tokens [batch, seq] every selected layer reads."""
-        batch, length, _ = embeddings.shape
-        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        visual = self.adapter.visual_token_mask(input_ids)
-        read = visual & real & (~removed.to(visual.device) if removed is not None else True)
-        if queries is None:
-            queries = torch.zeros_like(real)
-            queries[:, -1] = True
-        if positions is None:
-            positions = self.adapter.position_ids({"input_ids": input_ids, "attention_mask": attention_mask})
-        prompt = PromptPositions(*self.language_model.rotary_emb(embeddings, positions),
-                                 positions.reshape(-1, batch, length).amax((0, 2)) + 1, real.sum(1))
+        length = embeddings.shape[1]
+        real, visual, read, queries, prompt = self.prompt_inputs(embeddings, input_ids, attention_mask, queries,
+                                                                 removed, positions)
         quiet = frozen_prefix(visual, real) if self.freeze_prefix else None
         run = self.fast if self.form == "fast" else self.masked
         cache = DynamicCache()  # also without `use_cache`: the selected layers read the visual K/V from it
