@@ -1,6 +1,7 @@
 """Page 2, layers: a similarity run's and an alignment run's curves with the recommended injection / exit
 layers marked, a vision-layers run's probe and norm curves with its stages and recommended tower layers,
-and the attention the current image's visual tokens receive at every LLM layer.
+the attention the current image's visual tokens receive at every LLM layer, and the efficient methods' layer
+curves (SkipGPT's routing, ViCA's layer choice: `apps/method_layers.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from apps import state
 from apps.charts import alignment_figure, attention_heatmap, attention_share_figure, similarity_figure
 from apps.compute import attention_by_layer
 from apps.explorer import CURRENT_IMAGE_KEY, DEFAULT_PROMPT
+from apps.method_layers import routing_section, vica_section
 from workbench.data.images import load_image
 from workbench.errors import WorkbenchError
 
@@ -124,6 +126,8 @@ def render() -> None:
                 "`wb analyze alignment` make them)")
     vision_section()
     attention_section()
+    routing_section()
+    vica_section()
 
 
 if __name__ == "__main__":
