@@ -10,20 +10,10 @@ from torch import nn
 from efficient_models.vica import ViCAConfig
 from efficient_models.vica.cost import kept_count, vica_flops
 from efficient_models.vica.engine import ViCALLM
-from tests.test_vica_model import CROSS, IMAGES, LAYERS, ROWS, run, text_logits
-from tests.tiny_models import VOCAB, llava_batch, tiny_llava
+from tests.test_vica_model import CROSS, LAYERS, ROWS, batch, model, run, text_logits  # noqa: F401 (fixtures)
+from tests.tiny_models import VOCAB, llava_batch
 from workbench.flops import DecoderShape, ModelShapes, VisionShape, causal_pairs, linear_shapes
 from workbench.models.adapter import adapter_for
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava(num_layers=LAYERS)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return llava_batch(ROWS, IMAGES)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.25])
