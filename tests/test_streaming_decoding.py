@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from efficient_models.streaming import ablation
-from efficient_models.streaming.batch import collate, streaming_example
+from efficient_models.streaming.batch import IGNORE, collate, interleaved_example, streaming_example
 from efficient_models.streaming.decoding import StreamingPolicy, stream_translate
 from efficient_models.streaming.groups import SourceGroup, WordBoundaries, target_words
 from efficient_models.streaming.mask import visible_units
@@ -109,6 +109,29 @@ def test_interleaved_decoding_equals_one_causal_forward_in_arrival_order():
     assert any(not is_target for _, is_target in result.arrival_order[target_rows[0]:])
     assert [tokens[row] for row in target_rows] == result.target[:-1]
     logits = model(input_ids=torch.tensor([tokens])).logits[0]  # positions 0.., plain causal mask
+    torch.testing.assert_close(logits[target_rows], torch.stack(result.logits), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wait_k", [1, 3])
+def test_the_interleaved_training_example_is_what_interleaved_decoding_feeds_and_predicts(wait_k):
+    model = tiny_model("sdpa")
+    result = stream_translate(model, SOURCE, PREFIX, END, boundaries(),
+                              StreamingPolicy(wait_k=wait_k, max_lag_words=2), layout="interleaved")
+    ended = result.target[-1] == END
+    content = result.target[len(PREFIX):len(result.target) - ended]
+    words = target_words(PREFIX, content, [END] if ended else [], boundaries())
+    example = interleaved_example(SOURCE, result.target, words, wait_k, ends=ended)
+    # The same tokens in the same order (the last target token is never fed), contiguous positions.
+    assert example.input_ids[:-1] == [token for token, _ in result.arrival_order]
+    assert example.position_ids == list(range(len(example.input_ids)))
+    target_rows = [index for index, (_, is_target) in enumerate(result.arrival_order) if is_target]
+    # Each label sits right after the row that predicts it, even where a source token comes next.
+    labelled = [row for row, label in enumerate(example.labels) if label != IGNORE]
+    assert labelled[1:] == [row + 1 for row in target_rows]
+    assert [example.labels[row] for row in labelled] == result.target
+    assert any(example.input_ids[row] != result.target[index + 1]
+               for index, row in enumerate(labelled[1:]))  # some label is not the token at its own row
+    logits = model(**collate([example], model.dtype, pad_id=0)).logits[0]
     torch.testing.assert_close(logits[target_rows], torch.stack(result.logits), atol=1e-5, rtol=1e-5)
 
 

@@ -66,6 +66,19 @@ def test_bad_options_are_one_line(tmp_path, run_wb, tiny_language_model):
     config.write_text("method: streaming\nwait_k: 0\n")
     code, stdout, stderr = run_wb("train", "streaming", "--config", str(config), "--out", str(tmp_path / "run"))
     assert code != 0 and "wait_k" in stdout + stderr
+    code, stdout, stderr = run_wb("train", "streaming", "--layout", "diagonal", "--out", str(tmp_path / "run"))
+    assert code != 0 and "training_layout" in stdout + stderr and "Traceback" not in stdout + stderr
+
+
+def test_the_interleaved_layout_trains_and_is_recorded(tmp_path, run_wb, tiny_language_model):
+    out = tmp_path / "run"
+    code, stdout, _ = run_wb("train", "streaming", "--layout", "interleaved", "--wait-k", "2",
+                             "--recipe", str(small_recipe(tmp_path)), "--out", str(out))
+    assert code == 0, stdout
+    assert yaml.safe_load((out / "config.yaml").read_text())["training_layout"] == "interleaved"
+    train = json.loads((out / "metrics.json").read_text())["train"]
+    assert train["loss_last_tenth"] < train["loss_first_tenth"] - 1.0
+    assert "interleaved wait-2 LoRA" in stdout
 
 
 def test_the_streaming_loss_runs_under_bf16_autocast_close_to_fp32():

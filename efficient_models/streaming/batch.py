@@ -1,6 +1,8 @@
 """Training inputs for one forward pass over [source; target]: ids, group position ids, the 4-D mask, labels.
 
-`batch_example` is the same pair laid out as ordinary chat training sees it (the batch-trained baseline).
+`batch_example` is the same pair laid out as ordinary chat training sees it (the batch-trained baseline);
+`interleaved_example` lays it out in arrival order under wait-k, one causal sequence with contiguous positions
+(the interleaved-trained baseline, decoded by `streams.InterleavedStream`).
 The loss covers every target token, the assistant prefix and the end token included (as the reference
 does); source tokens carry no label. Batches are right-padded; a padding row attends to itself only, so
 that no softmax row is empty.
@@ -45,6 +47,34 @@ def batch_example(source: SourceGroup, target: Sequence[int]) -> StreamingExampl
     return StreamingExample(input_ids=[*source.ids, *target], position_ids=list(range(length)),
                             allowed=torch.ones(length, length, dtype=torch.bool).tril(),
                             labels=[IGNORE] * len(source.ids) + list(target))
+
+
+def interleaved_example(source: SourceGroup, target: Sequence[int], words: Sequence[int], wait_k: int,
+                        ends: bool = True) -> StreamingExample:
+    """The pair in the order a wait-k reader sees it: each target token right after the source it may see.
+
+    Target token t is fed once the source units < visible[t] have arrived, as decoding feeds the token that
+    predicts the next word after the READ that word waits for. So the token after t's predictor may be a source
+    token, and each label is placed one position after its predictor (the model's loss shifts labels by one).
+    `ends`: the target's last word is the end token, written once the whole source is read (`visible_units`).
+    """
+    visible = visible_units(words, wait_k, source.num_units, ends)
+    input_ids: list[int] = []
+    target_positions = []
+    read = 0
+    for token, units in zip(target, visible, strict=True):
+        stop = source.tokens_of_units(units)
+        input_ids += source.ids[read:stop]
+        read = max(read, stop)
+        target_positions.append(len(input_ids))
+        input_ids.append(token)
+    labels = [IGNORE] * len(input_ids)
+    predictors = [target_positions[0] - 1, *target_positions[:-1]]  # the first is predicted by the last source read
+    for predictor, token in zip(predictors, target, strict=True):
+        labels[predictor + 1] = token
+    return StreamingExample(input_ids=input_ids, position_ids=list(range(len(input_ids))),
+                            allowed=torch.ones(len(input_ids), len(input_ids), dtype=torch.bool).tril(),
+                            labels=labels)
 
 
 def collate(examples: Sequence[StreamingExample], dtype: torch.dtype, pad_id: int) -> dict[str, torch.Tensor]:

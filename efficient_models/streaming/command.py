@@ -14,6 +14,10 @@ from workbench.output_paths import output_folder
 def train_command(
     wait_k: int | None = typer.Option(None, "--wait-k", min=1, help="The wait-k policy of the training mask "
                                                                     "(default: the config's, else 3)."),
+    layout: str | None = typer.Option(None, "--layout", help="group (the method: group positions, streaming mask), "
+                                                             "batch (plain chat sequences, baselines a and c) or "
+                                                             "interleaved (wait-k arrival order, baseline b); "
+                                                             "default: the config's, else group."),
     config: Path | None = typer.Option(None, "--config", help="A streaming config YAML (default: the defaults)."),
     model: str | None = typer.Option(None, "--model", help="`default` (SmolLM2-135M-Instruct from its packaged "
                                                            "GGUF) or a local Hugging Face causal chat LM folder."),
@@ -25,7 +29,7 @@ def train_command(
                                                       "times steps."),
 ) -> None:
     """Fine-tune a causal chat LM (LoRA) to translate while reading: group positions, wait-k streaming mask."""
-    from efficient_models.registry import load_config
+    from efficient_models.registry import load_config, parse_config
     from efficient_models.streaming.config import StreamingConfig
     from workbench.models.causal_lm import load_causal_lm
     from efficient_models.streaming.training import (
@@ -35,8 +39,10 @@ def train_command(
     method_config = load_config(config) if config else StreamingConfig()
     if not isinstance(method_config, StreamingConfig):
         raise InputError(f"{config} is a {method_config.method!r} config; `wb train streaming` needs a streaming one")
-    updates = {"wait_k": wait_k, "model": model}
-    method_config = method_config.model_copy(update={key: value for key, value in updates.items() if value is not None})
+    updates = {"wait_k": wait_k, "model": model, "training_layout": layout}
+    # Validated again, so that a wrong --layout is the config's one-line error.
+    method_config = parse_config(method_config.model_dump() | {key: value for key, value in updates.items()
+                                                               if value is not None}, "with the options given")
     settings = load_recipe(recipe or DEFAULT_RECIPE)
     if smoke:
         settings = smoke_recipe(settings, steps)

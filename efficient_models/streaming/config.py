@@ -18,7 +18,8 @@ class StreamingConfig(MethodConfig):
     the target group's first position id; a WRITE stops after `max_tokens_per_write` tokens of one word;
     decoding halts once the target is more than `max_lag_words` words longer than the source.
     `training_layout`: "group" trains with group positions and the streaming mask (the method); "batch"
-    trains on the ordinary chat sequence (contiguous positions, causal mask), the baselines' batch model.
+    trains on the ordinary chat sequence (contiguous positions, causal mask), the baselines' batch model;
+    "interleaved" on the wait-k arrival order (one causal sequence, contiguous positions), baseline (b)'s model.
     """
 
     method: Literal["streaming"] = "streaming"
@@ -27,4 +28,4 @@ class StreamingConfig(MethodConfig):
     instruction: str = INSTRUCTION
     max_tokens_per_write: int = Field(50, ge=1)
     max_lag_words: int = Field(100, ge=0)
-    training_layout: Literal["group", "batch"] = "group"
+    training_layout: Literal["group", "batch", "interleaved"] = "group"

@@ -62,7 +62,7 @@ def eval_command(
     config, model, tokenizer = load_streaming_run(run)
     task_seed = yaml.safe_load((run / "recipe.yaml").read_text()).get("task_seed", 0)
     _, test = make_splits(seed=task_seed, train_size=0)
-    trained = "group-trained" if config.training_layout == "group" else "batch-trained"
+    trained = f"{config.training_layout}-trained"
     rows = evaluate(model, tokenizer, config, test[:n], wait_ks, [name.strip() for name in layouts.split(",")],
                     model_name=f", {trained}")
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from efficient_models.streaming.batch import StreamingExample, batch_example, collate, streaming_example
+from efficient_models.streaming.batch import (
+    StreamingExample, batch_example, collate, interleaved_example, streaming_example,
+)
 from efficient_models.streaming.chat_format import ChatFormat
 from efficient_models.streaming.config import StreamingConfig
 from efficient_models.streaming.task import Pair, make_splits
@@ -57,13 +59,21 @@ def smoke_recipe(recipe: StreamingRecipe, steps: int | None = None) -> Streaming
     return recipe.model_copy(update={"train_pairs": SMOKE_PAIRS, "optimisation": optimisation})
 
 
+# Each training layout's example from (source group, target ids, target words, config).
+EXAMPLES = {
+    "group": lambda source, target, words, config: streaming_example(source, target, words, config.wait_k,
+                                                                     config.target_offset),
+    "batch": lambda source, target, words, config: batch_example(source, target),
+    "interleaved": lambda source, target, words, config: interleaved_example(source, target, words, config.wait_k),
+}
+
+
 def encode_pairs(pairs: Sequence[Pair], tokenizer, chat: ChatFormat, config: StreamingConfig) -> list[StreamingExample]:
     examples = []
     for pair in pairs:
         source = chat.source_group(tokenizer, pair.source_words)
         target, words = chat.target(tokenizer, pair.target)
-        examples.append(batch_example(source, target) if config.training_layout == "batch" else
-                        streaming_example(source, target, words, config.wait_k, config.target_offset))
+        examples.append(EXAMPLES[config.training_layout](source, target, words, config))
     return examples
 
 
@@ -110,7 +120,8 @@ def add_lora(model: nn.Module, settings: LoraSettings, seed: int):
 
 
 def _described(config: StreamingConfig) -> str:
-    return "batch (offline) training" if config.training_layout == "batch" else f"streaming wait-{config.wait_k}"
+    return {"group": f"streaming wait-{config.wait_k}", "batch": "batch (offline) training",
+            "interleaved": f"interleaved wait-{config.wait_k}"}[config.training_layout]
 
 
 def train_streaming(config: StreamingConfig, recipe: StreamingRecipe, run_dir: Path, model, tokenizer,
