@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from efficient_models.onpolicy_sft.grader import answers_match, is_correct, last_boxed
-from efficient_models.onpolicy_sft.task import problems
+from efficient_models.onpolicy_sft.task import MAX_VERBOSITY, VERBOSITY_WEIGHTS, problems
 from workbench.errors import InputError
 
 
@@ -46,11 +46,25 @@ def test_answers_are_the_arithmetic_of_the_events():
 
 
 def test_solutions_end_in_the_answer_and_verbose_is_much_longer():
-    for problem in problems("test", 50, seed=1):
+    chosen = problems("test", 200, seed=1)
+    for problem in chosen:
         concise, verbose = problem.concise_solution(), problem.verbose_solution()
         assert is_correct(concise, problem.answer) and is_correct(verbose, problem.answer)
-        assert len(verbose) > 3 * len(concise)
-        assert verbose.count("Let me check") == len(problem.events)
+        assert len(verbose) > (3 if problem.verbosity >= 1 else 1.2) * len(concise)
+    assert sum(len(p.verbose_solution()) for p in chosen) > 5 * sum(len(p.concise_solution()) for p in chosen)
+
+
+def test_verbosity_levels_add_their_redundancy_and_follow_their_weights():
+    chosen = problems("train", 1000, seed=0)
+    for problem in chosen[:100]:
+        verbose, level = problem.verbose_solution(), problem.verbosity
+        assert verbose.count("Let me check") == (len(problem.events) if level >= 2 else 0)
+        assert ("Let me restate" in verbose) == (level >= 1)
+        assert ("recheck once more" in verbose) == (level >= 3)
+    shares = [sum(p.verbosity == level for p in chosen) / len(chosen) for level in range(MAX_VERBOSITY + 1)]
+    assert shares == pytest.approx(VERBOSITY_WEIGHTS, abs=0.05)
+    # The same problem always gets the same level: the reasoner's data is fixed by the seed.
+    assert [p.verbosity for p in problems("train", 50, seed=0)] == [p.verbosity for p in chosen[:50]]
 
 
 def test_bad_task_settings_are_one_line_errors():

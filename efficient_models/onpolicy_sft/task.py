@@ -6,8 +6,11 @@ split is decided by a hash of its text, so the train and test splits are disjoin
 each split is stable: the first n problems of a split are the same for any larger n.
 
 Every problem carries two worked solutions ending in `\\boxed{answer}`: a concise one (one line per event)
-and a verbose one (restatements and a self-check per event, a final recheck), the training data of the
-verbose starting reasoner whose length on-policy SFT is meant to remove.
+and a verbose one, the training data of the verbose starting reasoner whose length on-policy SFT is meant to
+remove. A verbose solution's redundancy comes at one of four levels, drawn per problem (mostly the two most
+verbose): from the bare steps to restatements, a self-check per step and a final recheck, twice over. A real
+reasoner's verbosity varies from problem to problem in the same way; without that spread a sampled reasoner
+would hold no shorter correct answer for on-policy SFT to select, whatever its budget.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ TEST_BUCKETS = 1  # of HASH_BUCKETS: a tenth of the stream is test
 HASH_BUCKETS = 10
 NAMES = ("Ava", "Ben", "Chloe", "Dev", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jon", "Kai", "Lena")
 ITEMS = ("apple", "marble", "sticker", "pencil", "coin", "shell", "card", "book", "stamp", "cookie")
+# The share of problems whose verbose solution has each level of redundancy (0: bare steps .. 3: rechecked twice).
+VERBOSITY_WEIGHTS = (0.1, 0.2, 0.4, 0.3)
+MAX_VERBOSITY = len(VERBOSITY_WEIGHTS) - 1
 INSTRUCTION = "Solve step by step, and put the final answer in \\boxed{}."
 
 
@@ -58,19 +64,33 @@ class Problem:
         lines = [f"Start: {self.start}."] + [f"{event.arithmetic}." for event in self.events]
         return "\n".join(lines) + f"\nThe answer is \\boxed{{{self.answer}}}."
 
+    @property
+    def verbosity(self) -> int:
+        """The verbose solution's level of redundancy, 0..MAX_VERBOSITY, drawn from a hash of the question."""
+        draw = int.from_bytes(hashlib.sha256(f"verbosity:{self.question}".encode()).digest()[:8], "big") / 2**64
+        return int(np.searchsorted(np.cumsum(VERBOSITY_WEIGHTS), draw, side="right"))
+
     def verbose_solution(self) -> str:
-        """Long on purpose: restates the problem, each step and its check, then rechecks the whole chain."""
-        things = f"{self.item}s"
+        """Long on purpose, as its verbosity level says: level 0 gives each step in a sentence; 1 adds the
+        restatement of the problem and of each step; 2 a self-check per step and a final recheck; 3 a second
+        recheck."""
+        level, things = self.verbosity, f"{self.item}s"
         parts = [f"Let me restate the problem. {self.name} starts with {self.start} {things}, and then "
                  f"{len(self.events)} things happen to them. I need the number of {things} at the end. "
-                 "I will go through the events one at a time and check each step."]
+                 "I will go through the events one at a time" + (" and check each step." if level >= 2 else ".")
+                 ] if level >= 1 else []
         for number, event in enumerate(self.events, start=1):
-            parts.append(f"Step {number}: {event.sentence} Before this, {self.name} had {event.before} {things}. "
-                         f"So the new amount is {event.arithmetic}. Let me check this step: {event.check}, "
-                         f"which matches. So now {self.name} has {event.after} {things}.")
+            restated = f" {event.sentence} Before this, {self.name} had {event.before} {things}." if level >= 1 else ""
+            check = f" Let me check this step: {event.check}, which matches." if level >= 2 else ""
+            parts.append(f"Step {number}:{restated} {'So the' if restated else 'The'} new amount is {event.arithmetic}.{check} "
+                         f"So now {self.name} has {event.after} {things}.")
         chain = " -> ".join(str(amount) for amount in [self.start] + [event.after for event in self.events])
-        parts.append(f"Let me go over everything again to be sure. The amounts were {chain}. "
-                     f"Each step checks out, so {self.name} ends with {self.answer} {things}.")
+        if level >= 2:
+            parts.append(f"Let me go over everything again to be sure. The amounts were {chain}. "
+                         f"Each step checks out, so {self.name} ends with {self.answer} {things}.")
+        if level >= 3:
+            parts.append(f"Let me recheck once more from the start. {self.name} began with {self.start} {things}, "
+                         f"and the amounts went {chain}. Yes, that is right.")
         parts.append(f"The final answer is \\boxed{{{self.answer}}}.")
         return "\n\n".join(parts)
 
