@@ -10,6 +10,7 @@ from efficient_models.onpolicy_sft.commands import (
     DEFAULT_ONPOLICY,
     DEFAULT_REASONER,
 )
+from efficient_models.onpolicy_sft.comparison import COLUMNS
 from efficient_models.onpolicy_sft.config import OnPolicySFTConfig, ReasonerConfig
 from efficient_models.onpolicy_sft.models import save_causal_lm
 from efficient_models.registry import load_config
@@ -59,6 +60,15 @@ def test_reasoner_then_onpolicy_then_eval(tmp_path, run_wb):
     for metrics in results:
         assert metrics["problems"] == 2 and 0 <= metrics["pass@1"] <= metrics["pass@2"] <= 1
         assert metrics["mean_tokens"] <= 6
+    # Against the first model, with what each run recorded of its training cost.
+    assert results[0]["accuracy_change"] == 0 and results[0]["length_ratio"] == 1
+    assert results[1]["length_ratio"] == round(results[1]["mean_tokens"] / results[0]["mean_tokens"], 3)
+    onpolicy_metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert results[1]["train_peak_memory_mb"] == onpolicy_metrics["peak_memory_mb"] > 0
+    assert results[0]["train_seconds_per_step"] == json.loads((tmp_path / "r" / "metrics.json").read_text())[
+        "seconds_per_step"]
+    table = (tmp_path / "eval" / "table.md").read_text().splitlines()
+    assert table[0] == "| " + " | ".join(COLUMNS) + " |" and len(table) == 2 + len(results)
     assert "Pareto frontier" in (tmp_path / "eval" / "pareto.html").read_text()
 
 

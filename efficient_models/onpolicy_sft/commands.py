@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from workbench.console import console
+from workbench.console import console, markdown_table
 from workbench.errors import InputError
 from workbench.files import write_json_atomically, write_text_atomically
 from workbench.output_paths import output_folder
@@ -97,10 +97,12 @@ def eval_reasoning_command(
     temperature: float = typer.Option(1.0, "--temperature", min=0.01),
     task_seed: int = typer.Option(0, "--task-seed", help="The task's seed (the splits' seed)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    out: Path | None = typer.Option(None, "--out", help="Folder for results.json and the accuracy-length plot "
-                                                        "pareto.html.", callback=output_folder),
+    out: Path | None = typer.Option(None, "--out", help="Folder for results.json, table.md and the accuracy-length "
+                                                        "plot pareto.html.", callback=output_folder),
 ) -> None:
-    """Accuracy (pass@1, pass@k) and length (mean, median, share truncated) on the reasoning test split."""
+    """Accuracy (pass@1, pass@k) and length (mean, median, share truncated) on the reasoning test split, each
+    model against the first, with each run's training seconds per step and peak memory."""
+    from efficient_models.onpolicy_sft.comparison import COLUMNS, compared_to_first, training_costs
     from efficient_models.onpolicy_sft.evaluation import evaluate_reasoning
     from efficient_models.onpolicy_sft.models import load_reasoning_model
     from efficient_models.onpolicy_sft.pareto import accuracy_length_figure
@@ -114,9 +116,13 @@ def eval_reasoning_command(
         language_model, tokenizer = load_reasoning_model(source)
         metrics = evaluate_reasoning(language_model, tokenizer, test_problems, samples, max_new_tokens, k,
                                      temperature, seed)
-        results.append({"model": source} | metrics)
+        results.append({"model": source} | metrics | training_costs(source))
         console.print(" ".join(f"{name} {value}" for name, value in results[-1].items() if name != "example"))
+    results = compared_to_first(results)
+    table = markdown_table(results, COLUMNS, digits=3)
+    console.print(table)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomically(out / "results.json", results)
+        write_text_atomically(out / "table.md", table)
         write_text_atomically(out / "pareto.html", accuracy_length_figure(results).to_html(include_plotlyjs="cdn"))
