@@ -286,3 +286,24 @@ def test_fresh_routers_run_everything_so_training_starts_from_dense():
     sampled = routed(ids, mask, temperature=5.0)
     share = mean_run_share(sampled.attention_gates + sampled.mlp_gates, mask).item()
     assert 0.75 < share < 0.97  # P(run) = sigmoid(2) under Gumbel noise
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_the_routed_model_runs_under_bf16_autocast_close_to_fp32(skip):
+    """The recipe's `precision: auto` is bf16 where the CPU computes it natively: the routed model's own fp32
+    attention masks (a padded batch, skipped keys dropped) must work with bf16 queries under autocast."""
+    routed = scrambled(RoutedLM(tiny_llama()))
+    with torch.no_grad():  # decisive routers: no token sits where bf16 rounding could flip its gate
+        for layer in routed.routers:
+            for router in (layer.attention, layer.mlp):
+                router.net[2].weight.mul_(20)
+    ids, mask = padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        exact = routed(ids, mask, skip=skip)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            approximate = routed(ids, mask, skip=skip)
+    for a, b in zip(exact.attention_gates + exact.mlp_gates, approximate.attention_gates + approximate.mlp_gates):
+        assert torch.equal(a[real], b[real])
+    difference = (approximate.logits.float() - exact.logits)[real].abs().max()
+    assert torch.isfinite(approximate.logits).all() and difference < 0.05 * exact.logits[real].abs().max()

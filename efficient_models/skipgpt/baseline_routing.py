@@ -3,8 +3,7 @@
 `capacity_selection` is the paper's top-k: in each row the ceil(capacity x real tokens) real tokens of highest
 router score. `Gathered` packs the chosen tokens of every row, in sequence order, into a rectangular
 (batch, k) set; rows that chose fewer than k are filled with invalid slots that attend only to themselves
-and whose results are dropped. `attention_bias` lets a gathered token attend to the valid earlier tokens of
-its own set and of the cache: a token that did not run a layer left no keys there (the KV rule).
+and whose results are dropped (`cache.attention_bias`, the KV rule SkipGPT's modules follow too).
 """
 
 from __future__ import annotations
@@ -67,15 +66,3 @@ class Gathered:
         """`hidden` (batch, tokens, d) plus `update` (batch, k, d) at the valid gathered tokens."""
         update = update * self.valid[..., None].to(update.dtype)
         return hidden.scatter_add(1, self.index[..., None].expand(-1, -1, hidden.shape[-1]), update)
-
-
-def attention_bias(valid: torch.Tensor, past_valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (batch, 1, k, past + k) for gathered queries: each attends to the valid cached keys and to
-    the valid gathered keys up to itself; an invalid slot also sees itself, so no softmax row is empty."""
-    width = valid.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=valid.device).tril()
-    allowed = (causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=valid.device)
-    if past_valid is not None:
-        allowed = torch.cat([past_valid[:, None, :].expand(-1, width, -1), allowed], dim=2)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]

@@ -1,4 +1,5 @@
-"""SkipGPT's KV cache, in which a token that skips a layer's attention leaves nothing.
+"""The KV cache and attention mask of skipped tokens (SkipGPT's modules, Mixture-of-Depths' layers): a token
+that skips a layer's attention leaves nothing there.
 
 The rule (one for cached and uncached forwards alike, so cached generation equals uncached): a token that
 skips attention at layer l writes no key or value at layer l, and no token attends to it at layer l (in
@@ -8,7 +9,7 @@ keeps its original position wherever it sits in the cache.
 Per layer the cache holds keys and values (batch, kv heads, slots, head dim) and which slots hold a token:
 a batch is rectangular, so a row whose token skips while another row's runs gets an empty slot, marked
 invalid. When no row runs a layer's attention, nothing is appended: at batch size 1 a layer's cache holds
-exactly the tokens that ran its attention.
+exactly the tokens that ran its attention. `attention_bias` is the mask that goes with it.
 """
 
 from __future__ import annotations
@@ -54,3 +55,15 @@ class LayerWrite:
             cache.values[layer] = torch.cat([cache.values[layer], values], dim=-2)
             cache.valid[layer] = torch.cat([cache.valid[layer], self.new_valid], dim=1)
         return cache.keys[layer], cache.values[layer]
+
+
+def attention_bias(past_valid: torch.Tensor, new_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (batch, 1, new, past + new) mask: every valid past slot; new slots causally, the valid ones and
+    the query's own slot (so no softmax row is empty; a skipped token's row is discarded)."""
+    new = new_valid.shape[1]
+    causal = torch.ones(new, new, dtype=torch.bool, device=new_valid.device).tril()
+    own = torch.eye(new, dtype=torch.bool, device=new_valid.device)
+    among_new = causal & (new_valid[:, None, :] | own)
+    allowed = torch.cat([past_valid[:, None, :].expand(-1, new, -1), among_new], dim=2)
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return blocked.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]

@@ -31,28 +31,13 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from efficient_models.skipgpt.baseline_routing import Gathered, attention_bias, capacity_selection, check_capacity
+from efficient_models.skipgpt.baseline_routing import Gathered, capacity_selection, check_capacity
+from efficient_models.skipgpt.cache import SkipCache, attention_bias
 from workbench.errors import InputError
 
 Routing = Literal["topk", "predictor"]
-
-
-@dataclass
-class DepthCache:
-    """Decoding state: the model's KV cache, which of each layer's cached slots are valid, and the real tokens
-    seen per row (the next token's position)."""
-
-    kv: DynamicCache
-    valid: list[torch.Tensor | None]
-    seen: torch.Tensor
-
-    @classmethod
-    def empty(cls, model: PreTrainedModel, batch: int, device: torch.device) -> DepthCache:
-        layers = model.config.get_text_config(decoder=True).num_hidden_layers
-        return cls(DynamicCache(config=model.config), [None] * layers,
-                   torch.zeros(batch, dtype=torch.long, device=device))
 
 
 @dataclass
@@ -63,7 +48,7 @@ class DepthOutput:
     logits: torch.Tensor
     ran: torch.Tensor
     predictor_logits: torch.Tensor
-    cache: DepthCache | None = field(default=None)
+    cache: SkipCache | None = field(default=None)
 
 
 class MixtureOfDepths(nn.Module):
@@ -83,7 +68,7 @@ class MixtureOfDepths(nn.Module):
         self.predictors.to(weight.device, weight.dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, routing: Routing = "topk",
-                cache: DepthCache | None = None) -> DepthOutput:
+                cache: SkipCache | None = None) -> DepthOutput:
         """Run this call's tokens (batch, tokens); `attention_mask` marks their real tokens (left padding).
 
         With `cache` (predictor routing only) the tokens continue the cached ones and the cache is extended.
@@ -95,9 +80,8 @@ class MixtureOfDepths(nn.Module):
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         decoder = self.model.get_decoder()
         hidden = decoder.embed_tokens(input_ids)
-        seen = cache.seen if cache is not None else torch.zeros(len(input_ids), dtype=torch.long,
-                                                                device=input_ids.device)
-        positions = (seen[:, None] + real.long().cumsum(1) - 1).clamp(min=0)
+        seen = 0 if cache is None or cache.real_seen is None else cache.real_seen[:, None]
+        positions = (seen + real.long().cumsum(1) - 1).clamp(min=0)
         rotary = decoder.rotary_emb(hidden, position_ids=positions)
         ran, predicted = [], []
         for index, layer in enumerate(decoder.layers):
@@ -112,29 +96,29 @@ class MixtureOfDepths(nn.Module):
             hidden = self._run_layer(index, layer, hidden, chosen, weight, rotary, cache)
             ran.append(chosen)
         if cache is not None:
-            cache.seen = seen + real.sum(1)
+            cache.real_seen = real.long().sum(1) + (0 if cache.real_seen is None else cache.real_seen)
         logits = self.model.lm_head(decoder.norm(hidden))
         return DepthOutput(logits, torch.stack(ran), torch.stack(predicted), cache)
 
     def _run_layer(self, index: int, layer: nn.Module, hidden: torch.Tensor, chosen: torch.Tensor,
                    weight: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor],
-                   cache: DepthCache | None) -> torch.Tensor:
+                   cache: SkipCache | None) -> torch.Tensor:
         """`hidden` after decoder layer `layer` ran on the `chosen` tokens only (weighted by `weight`)."""
         tokens = Gathered.of(chosen)
         if tokens.index.shape[1] == 0:
             return hidden  # no token runs this layer: it is skipped, and writes nothing to the cache
         inputs = tokens.take(hidden)
-        past_valid = cache.valid[index] if cache is not None else None
-        outputs = layer(inputs, attention_mask=attention_bias(tokens.valid, past_valid, hidden.dtype),
+        batch = hidden.shape[0]
+        past_valid = (torch.zeros(batch, 0, dtype=torch.bool, device=hidden.device) if cache is None
+                      else cache.past_valid(index, batch, hidden.device))
+        outputs = layer(inputs, attention_mask=attention_bias(past_valid, tokens.valid, hidden.dtype),
                         position_embeddings=(tokens.take(rotary[0]), tokens.take(rotary[1])),
-                        past_key_values=cache.kv if cache is not None else None, use_cache=cache is not None)
-        if cache is not None:
-            cache.valid[index] = tokens.valid if past_valid is None else torch.cat([past_valid, tokens.valid], 1)
+                        past_key_values=None if cache is None else cache.writer(index, tokens.valid))
         update = outputs - inputs
         if weight is not None:
             update = update * tokens.take(weight)[..., None]
         return tokens.add_to(hidden, update)
 
-    def empty_cache(self, batch: int) -> DepthCache:
-        """A cache to prefill and decode `batch` rows with predictor routing."""
-        return DepthCache.empty(self.model, batch, self.model.device)
+    def empty_cache(self) -> SkipCache:
+        """A cache to prefill and decode with predictor routing."""
+        return SkipCache(len(self.model.get_decoder().layers))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from efficient_models.skipgpt.cache import SkipCache
+from efficient_models.skipgpt.cache import SkipCache, attention_bias
 from efficient_models.skipgpt.routers import LayerRouters, run_gate
 from workbench.errors import InputError
 
@@ -111,18 +111,6 @@ class RoutedLM(nn.Module):
         return RoutedOutput(logits, attention_gates, mlp_gates, real)
 
 
-def _mask(past_valid: torch.Tensor, new_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive (batch, 1, new, past + new) mask: every valid past slot; new slots causally, valid ones and
-    the query's own slot (so no softmax row is empty; a skipped token's row is discarded)."""
-    new = new_valid.shape[1]
-    causal = torch.ones(new, new, dtype=torch.bool, device=new_valid.device).tril()
-    own = torch.eye(new, dtype=torch.bool, device=new_valid.device)
-    among_new = causal & (new_valid[:, None, :] | own)
-    allowed = torch.cat([past_valid[:, None, :].expand(-1, new, -1), among_new], dim=2)
-    blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return blocked.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
 def _attend(layer, index, states, rotary, valid, cache) -> torch.Tensor:
     """The layer's own attention module over `states`, whose keys count only where `valid` (cached, if a cache)."""
     batch = states.shape[0]
@@ -132,7 +120,7 @@ def _attend(layer, index, states, rotary, valid, cache) -> torch.Tensor:
     # kernel; eager attention reads None as no mask at all, so it always gets ours.
     plain = (layer.self_attn.config._attn_implementation == "sdpa" and past.shape[1] == 0 and bool(valid.all()))
     output, _ = layer.self_attn(hidden_states=layer.input_layernorm(states), position_embeddings=rotary,
-                                attention_mask=None if plain else _mask(past, valid, states.dtype),
+                                attention_mask=None if plain else attention_bias(past, valid, states.dtype),
                                 past_key_values=None if cache is None else cache.writer(index, valid))
     return output
 
@@ -162,12 +150,13 @@ def _skipping_layer(layer, index, hidden, rotary, attention_gate, mlp_gate, cach
             packed_rotary.append(packed_table)
         valid = torch.arange(width, device=hidden.device)[None, :] < counts[:, None]
         output = _attend(layer, index, packed, tuple(packed_rotary), valid, cache)
-        hidden = hidden.index_put((rows, columns), output[rows, slots], accumulate=True)
+        # index_put does not promote as `+` does: under bf16 autocast the module's output is bf16, the stream fp32.
+        hidden = hidden.index_put((rows, columns), output[rows, slots].to(hidden.dtype), accumulate=True)
     runs = mlp_gate.bool()
     if bool(runs.all()):
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     elif runs.any():
         rows, columns = runs.nonzero(as_tuple=True)
         output = layer.mlp(layer.post_attention_layernorm(hidden[rows, columns]))
-        hidden = hidden.index_put((rows, columns), output, accumulate=True)
+        hidden = hidden.index_put((rows, columns), output.to(hidden.dtype), accumulate=True)
     return hidden
