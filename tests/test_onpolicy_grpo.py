@@ -2,6 +2,7 @@
 model that logs every step on the same prompts as on-policy SFT."""
 
 import json
+import math
 
 import pytest
 
@@ -51,6 +52,7 @@ def test_a_two_step_run_logs_each_step_and_saves_the_model(tmp_path, monkeypatch
         # A random model answers nothing right: every reward is the length term alone, in [-0.5, 0].
         assert -0.5 <= entry["reward_mean"] <= 0 and 0 <= entry["share_truncated"] <= 1 and "kl" in entry
     assert metrics["steps"] == 2 and metrics["peak_memory_mb"] > 0
+    assert metrics["precision"] == config.optimisation.precision == "fp32"  # as our loop computes, not TRL's default
     # The same train problems, in the same order, as on-policy SFT's steps: each prompt's 2 samples together.
     assert graded == [problem.answer for problem in problems("train", 4) for _ in range(2)]
     assert (tmp_path / "grpo" / "model" / "config.json").is_file()
@@ -59,3 +61,14 @@ def test_a_two_step_run_logs_each_step_and_saves_the_model(tmp_path, monkeypatch
     # Another config on the same folder is refused rather than mixed in.
     with pytest.raises(InputError, match="different config.yaml"):
         train_grpo(config.model_copy(update={"kl_beta": 0.5}), tmp_path / "grpo")
+
+
+def test_a_bf16_run_trains_under_autocast_like_our_loop(tmp_path):
+    start = tmp_path / "start"
+    save_causal_lm(tiny_lm(), char_tokenizer(), start)
+    config = GRPOLengthConfig(model=str(start), prompts_per_step=2, samples_per_prompt=2, max_new_tokens=6,
+                              budget_start=6, rows_per_micro_batch=2,
+                              optimisation=OPTIMISATION | {"steps": 1, "precision": "bf16"})
+    metrics = train_grpo(config, tmp_path / "grpo")
+    log = [json.loads(line) for line in (tmp_path / "grpo" / "steps.jsonl").read_text().splitlines()]
+    assert metrics["precision"] == "bf16" and len(log) == 1 and math.isfinite(log[0]["loss"])

@@ -46,7 +46,8 @@ class ReasonerConfig(MethodConfig):
 class OnPolicySFTConfig(MethodConfig):
     """Per step: `samples_per_prompt` samples of each of `prompts_per_step` train prompts at `temperature`,
     at most `max_new_tokens` each; kept when correct and finished within the step's budget, which moves
-    linearly from `budget_start` to `budget_end` (None: constant) over the run."""
+    linearly from `budget_start` to `budget_end` (None: constant) over the run, and, with `keep_shortest`, only
+    the prompt's that many shortest of those (a budget that follows the model's own lengths)."""
 
     method: Literal["onpolicy-sft"] = "onpolicy-sft"
     task: ReasoningTask = ReasoningTask()
@@ -56,6 +57,7 @@ class OnPolicySFTConfig(MethodConfig):
     max_new_tokens: int = Field(gt=0)
     budget_start: int = Field(gt=0)
     budget_end: int | None = Field(default=None, gt=0)
+    keep_shortest: int | None = Field(default=None, gt=0)
     prompts_per_generate: int | None = Field(default=None, gt=0)  # None: all prompts in one generate call
     rows_per_micro_batch: int = Field(gt=0)
     optimisation: Optimisation
@@ -76,8 +78,8 @@ class GRPOLengthConfig(OnPolicySFTConfig):
     1[correct and finished] - `length_weight` x (share of the step's budget used; all of it when truncated),
     group-normalised advantages and a KL penalty `kl_beta` to the starting model. The step's
     `prompts_per_step x samples_per_prompt` rows are trained `rows_per_micro_batch` at a time. TRL generates a
-    step's rows at once, in fp32, without checkpoints: `prompts_per_generate`, `precision` and
-    `checkpoint_every` do not apply."""
+    step's rows at once and keeps no checkpoints; every sample gets a reward: `prompts_per_generate`,
+    `checkpoint_every` and `keep_shortest` do not apply."""
 
     method: Literal["grpo-length"] = "grpo-length"
     length_weight: float = Field(default=0.5, ge=0)

@@ -2,9 +2,10 @@
 
 Each rejected sample is counted under exactly one reason, checked in this order: truncated (it hit the
 generation cap without ending), over budget (it ended, but longer than the budget), wrong (it ended within
-the budget with a wrong or missing answer). A prompt none of whose samples is kept is dropped. The counts
-always add up (samples = kept + truncated + over budget + wrong), so nothing is dropped silently; they
-are logged for every step. `correct` and `correct_but_truncated` also show what a filter that checks only
+the budget with a wrong or missing answer), not shortest (optional: a prompt keeps only its `keep_shortest`
+shortest passing samples, a budget relative to what the model itself just wrote). A prompt none of whose
+samples is kept is dropped. The counts always add up (samples = kept + truncated + over budget + wrong + not
+shortest), so nothing is dropped silently; they are logged for every step. `correct` and `correct_but_truncated` also show what a filter that checks only
 the answer (as the reference does) would have kept.
 """
 
@@ -38,6 +39,7 @@ class FilterCounts:
     truncated: int
     over_budget: int
     wrong: int
+    not_shortest: int
     correct: int  # correct answers whatever their length or ending, kept or not
     correct_but_truncated: int  # what a filter that never checks truncation would also have kept
     prompts: int
@@ -63,12 +65,15 @@ def rejection(sample: Sample, correct: bool, budget: int | None) -> str | None:
 
 
 def filter_samples(samples: Sequence[Sample], answers: Sequence[str], budget: int | None,
-                   grade: Callable[[str, str], bool] = is_correct) -> FilterResult:
-    """Keep the correct samples that finished within `budget` tokens (None: any finished length)."""
+                   grade: Callable[[str, str], bool] = is_correct, keep_shortest: int | None = None) -> FilterResult:
+    """Keep the correct samples that finished within `budget` tokens (None: any finished length), and of each
+    prompt's, with `keep_shortest`, only that many of the shortest (the earlier sample on a tie)."""
     if budget is not None and budget < 1:
         raise ValueError(f"the length budget must be >= 1 token, not {budget}")
+    if keep_shortest is not None and keep_shortest < 1:
+        raise ValueError(f"keep_shortest must be >= 1 sample per prompt, not {keep_shortest}")
     reasons = {"truncated": 0, "over_budget": 0, "wrong": 0}
-    kept, correct, correct_but_truncated = [], 0, 0
+    passed, correct, correct_but_truncated = [], 0, 0
     for sample in samples:
         if not 0 <= sample.prompt_index < len(answers):
             raise ValueError(f"sample of prompt {sample.prompt_index}, but there are {len(answers)} prompts")
@@ -76,12 +81,24 @@ def filter_samples(samples: Sequence[Sample], answers: Sequence[str], budget: in
         correct += is_right
         reason = rejection(sample, is_right, budget)
         if reason is None:
-            kept.append(sample)
+            passed.append(sample)
         else:
             reasons[reason] += 1
             correct_but_truncated += is_right and reason == "truncated"
+    kept = passed if keep_shortest is None else shortest_per_prompt(passed, keep_shortest)
     prompts_with_kept = {sample.prompt_index for sample in kept}
-    counts = FilterCounts(samples=len(samples), kept=len(kept), **reasons, correct=correct,
-                          correct_but_truncated=correct_but_truncated, prompts=len(answers),
+    counts = FilterCounts(samples=len(samples), kept=len(kept), **reasons, not_shortest=len(passed) - len(kept),
+                          correct=correct, correct_but_truncated=correct_but_truncated, prompts=len(answers),
                           prompts_dropped=len(answers) - len(prompts_with_kept))
     return FilterResult(kept, counts)
+
+
+def shortest_per_prompt(samples: Sequence[Sample], count: int) -> list[Sample]:
+    """Each prompt's `count` shortest samples, in the order given (a stable sort breaks ties by that order)."""
+    chosen: dict[int, list[int]] = {}
+    for index in sorted(range(len(samples)), key=lambda index: samples[index].num_tokens):
+        picked = chosen.setdefault(samples[index].prompt_index, [])
+        if len(picked) < count:
+            picked.append(index)
+    keep = {index for picked in chosen.values() for index in picked}
+    return [sample for index, sample in enumerate(samples) if index in keep]

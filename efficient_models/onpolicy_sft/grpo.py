@@ -3,7 +3,9 @@
 The baseline the issue asks on-policy SFT to beat, kept independent of our loop: TRL samples
 `samples_per_prompt` completions of each of `prompts_per_step` prompts per step (the same train problems, in
 the same order, as on-policy SFT), rewards them with `length_penalised_reward`, normalises rewards within each
-prompt's group and adds a KL penalty to the starting model (TRL's reference copy). The length term's budget
+prompt's group and adds a KL penalty to the starting model (TRL's reference copy). It computes as our loop
+does, so that time and memory per step compare: the config's precision (bf16 autocast where native), and no
+activation checkpointing (TRL's default turns it on, trading compute for memory). The length term's budget
 follows the same schedule as on-policy SFT's. TRL needs the starting model as a folder (it loads the reference
 model from it), so "default" is saved once into the run folder. A run is not resumable mid-way (TRL's own
 checkpoints are off); a finished run is left as it is.
@@ -28,6 +30,7 @@ from workbench.configs import yaml_text
 from workbench.errors import InputError
 from workbench.files import write_json_atomically, write_text_atomically
 from workbench.training.loop import open_run
+from workbench.training.precision import resolve_precision
 
 START_MODEL = "start-model"  # the default model saved as a folder, for TRL's reference copy
 OUTPUTS = (RUN_MODEL, "metrics.json", STEP_LOG, "trl")
@@ -96,6 +99,8 @@ def train_grpo(config: GRPOLengthConfig, run_dir: Path, resume: bool = True) -> 
                     for text, ids, reference in zip(texts, completion_ids, answer)]
 
         optimisation = config.optimisation
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision = resolve_precision(optimisation.precision, device)
         arguments = GRPOConfig(
             output_dir=str(run_dir / "trl"), max_steps=steps, num_generations=config.samples_per_prompt,
             per_device_train_batch_size=config.rows_per_micro_batch, generation_batch_size=rows,
@@ -107,7 +112,7 @@ def train_grpo(config: GRPOLengthConfig, run_dir: Path, resume: bool = True) -> 
             lr_scheduler_type="cosine_with_min_lr",
             lr_scheduler_kwargs={"min_lr_rate": optimisation.final_learning_rate_ratio}, seed=optimisation.seed,
             shuffle_dataset=False, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=False,
-            use_cpu=not torch.cuda.is_available(), bf16=False)
+            use_cpu=device.type == "cpu", bf16=precision == "bf16", gradient_checkpointing=False)
         trainer = GRPOTrainer(model=str(folder), reward_funcs=[reward], args=arguments, train_dataset=dataset,
                               processing_class=tokenizer)
         started = time.perf_counter()
@@ -121,7 +126,7 @@ def train_grpo(config: GRPOLengthConfig, run_dir: Path, resume: bool = True) -> 
         device = next(trainer.model.parameters()).device
         metrics = {"description": f"grpo-length ({config.prompts_per_step} prompts x {config.samples_per_prompt} "
                                   f"samples, length weight {config.length_weight}, KL {config.kl_beta})",
-                   "steps": len(log), "seconds": round(seconds, 1), "seconds_per_step": round(seconds / steps, 3),
+                   "precision": precision, "steps": len(log), "seconds": round(seconds, 1), "seconds_per_step": round(seconds / steps, 3),
                    "peak_memory_mb": round(peak_memory_mb(device), 1),
                    "reward_first_last": [log[0]["reward_mean"], log[-1]["reward_mean"]] if log else None}
         write_json_atomically(run_dir / "metrics.json", metrics)

@@ -71,7 +71,8 @@ class OnPolicySteps(Sequence[list[MicroBatch]]):
         samples = sample_responses(self.model, self.tokenizer, prompt_ids, config.samples_per_prompt,
                                    config.max_new_tokens, config.temperature, config.prompts_per_generate)
         budget = self.budget.at(step)
-        result = filter_samples(samples, [problem.answer for problem in chosen], budget, self.grade)
+        result = filter_samples(samples, [problem.answer for problem in chosen], budget, self.grade,
+                                config.keep_shortest)
         lengths = [sample.num_tokens for sample in samples]
         kept_lengths = [sample.num_tokens for sample in result.kept]
         self._log({"step": step, "budget": budget, **result.counts.as_dict(),
@@ -100,9 +101,9 @@ def read_step_log(run_dir: Path) -> list[dict]:
 
 def summary(log: list[dict]) -> dict:
     """The run's filter counts summed over steps, and the kept length at its first and last logged step."""
-    counted = ("samples", "kept", "truncated", "over_budget", "wrong", "correct", "correct_but_truncated",
-               "prompts", "prompts_dropped")
-    return {"filter_totals": {name: sum(entry[name] for entry in log) for name in counted},
+    counted = ("samples", "kept", "truncated", "over_budget", "wrong", "not_shortest", "correct",
+               "correct_but_truncated", "prompts", "prompts_dropped")
+    return {"filter_totals": {name: sum(entry.get(name, 0) for entry in log) for name in counted},
             "budget_first_last": [log[0]["budget"], log[-1]["budget"]] if log else None,
             "mean_sample_tokens_first_last": [log[0]["mean_sample_tokens"], log[-1]["mean_sample_tokens"]]
             if log else None,
