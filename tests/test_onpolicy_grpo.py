@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from efficient_models.onpolicy_sft.commands import DEFAULT_GRPO
 from efficient_models.onpolicy_sft.config import GRPOLengthConfig
@@ -63,7 +64,11 @@ def test_a_two_step_run_logs_each_step_and_saves_the_model(tmp_path, monkeypatch
         train_grpo(config.model_copy(update={"kl_beta": 0.5}), tmp_path / "grpo")
 
 
-def test_a_bf16_run_trains_under_autocast_like_our_loop(tmp_path):
+def test_a_bf16_run_trains_under_autocast_like_our_loop(tmp_path, monkeypatch):
+    seen = []
+    reward = grpo.length_penalised_reward
+    monkeypatch.setattr(grpo, "length_penalised_reward",
+                        lambda *args: seen.append(torch.is_autocast_enabled("cpu")) or reward(*args))
     start = tmp_path / "start"
     save_causal_lm(tiny_lm(), char_tokenizer(), start)
     config = GRPOLengthConfig(model=str(start), prompts_per_step=2, samples_per_prompt=2, max_new_tokens=6,
@@ -72,3 +77,6 @@ def test_a_bf16_run_trains_under_autocast_like_our_loop(tmp_path):
     metrics = train_grpo(config, tmp_path / "grpo")
     log = [json.loads(line) for line in (tmp_path / "grpo" / "steps.jsonl").read_text().splitlines()]
     assert metrics["precision"] == "bf16" and len(log) == 1 and math.isfinite(log[0]["loss"])
+    assert seen and all(seen)  # the step ran under bf16 autocast
+    # ... which ended with the run: a later run of our loop in this process is not turned to bf16.
+    assert not torch.is_autocast_enabled("cpu")

@@ -4,8 +4,10 @@ The baseline the issue asks on-policy SFT to beat, kept independent of our loop:
 `samples_per_prompt` completions of each of `prompts_per_step` prompts per step (the same train problems, in
 the same order, as on-policy SFT), rewards them with `length_penalised_reward`, normalises rewards within each
 prompt's group and adds a KL penalty to the starting model (TRL's reference copy). It computes as our loop
-does, so that time and memory per step compare: the config's precision (bf16 autocast where native), and no
-activation checkpointing (TRL's default turns it on, trading compute for memory). The length term's budget
+does, so that time and memory per step compare: in the config's precision (bf16 autocast where native, around
+the whole of TRL's step, its sampling included) and without activation checkpointing (TRL's default turns it on,
+trading compute for memory). The autocast is ours rather than TRL's `bf16=True`, which would set Accelerate's
+process-wide precision for every later run in the process. The length term's budget
 follows the same schedule as on-policy SFT's. TRL needs the starting model as a folder (it loads the reference
 model from it), so "default" is saved once into the run folder. A run is not resumable mid-way (TRL's own
 checkpoints are off); a finished run is left as it is.
@@ -30,7 +32,7 @@ from workbench.configs import yaml_text
 from workbench.errors import InputError
 from workbench.files import write_json_atomically, write_text_atomically
 from workbench.training.loop import open_run
-from workbench.training.precision import resolve_precision
+from workbench.training.precision import autocast, resolve_precision
 
 START_MODEL = "start-model"  # the default model saved as a folder, for TRL's reference copy
 OUTPUTS = (RUN_MODEL, "metrics.json", STEP_LOG, "trl")
@@ -112,11 +114,12 @@ def train_grpo(config: GRPOLengthConfig, run_dir: Path, resume: bool = True) -> 
             lr_scheduler_type="cosine_with_min_lr",
             lr_scheduler_kwargs={"min_lr_rate": optimisation.final_learning_rate_ratio}, seed=optimisation.seed,
             shuffle_dataset=False, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=False,
-            use_cpu=device.type == "cpu", bf16=precision == "bf16", gradient_checkpointing=False)
+            use_cpu=device.type == "cpu", bf16=False, gradient_checkpointing=False)
         trainer = GRPOTrainer(model=str(folder), reward_funcs=[reward], args=arguments, train_dataset=dataset,
                               processing_class=tokenizer)
         started = time.perf_counter()
-        trainer.train()
+        with autocast(precision, device):
+            trainer.train()
         seconds = time.perf_counter() - started
         log = [{"step": entry["step"] - 1, "budget": budget.at(entry["step"] - 1),
                 **{ours: entry[theirs] for theirs, ours in LOGGED.items() if theirs in entry}}
