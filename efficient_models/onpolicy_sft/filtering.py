@@ -5,8 +5,9 @@ generation cap without ending), over budget (it ended, but longer than the budge
 the budget with a wrong or missing answer), not shortest (optional: a prompt keeps only its `keep_shortest`
 shortest passing samples, a budget relative to what the model itself just wrote). A prompt none of whose
 samples is kept is dropped. The counts always add up (samples = kept + truncated + over budget + wrong + not
-shortest), so nothing is dropped silently; they are logged for every step. `correct` and `correct_but_truncated` also show what a filter that checks only
-the answer (as the reference does) would have kept.
+shortest), so nothing is dropped silently; they are logged for every step. `correct` and
+`correct_but_truncated` also show what a filter that checks only the answer (as the reference does) would have
+kept.
 """
 
 from __future__ import annotations

@@ -129,7 +129,8 @@ def train_grpo(config: GRPOLengthConfig, run_dir: Path, resume: bool = True) -> 
         device = next(trainer.model.parameters()).device
         metrics = {"description": f"grpo-length ({config.prompts_per_step} prompts x {config.samples_per_prompt} "
                                   f"samples, length weight {config.length_weight}, KL {config.kl_beta})",
-                   "precision": precision, "steps": len(log), "seconds": round(seconds, 1), "seconds_per_step": round(seconds / steps, 3),
+                   "precision": precision, "steps": len(log), "seconds": round(seconds, 1),
+                   "seconds_per_step": round(seconds / steps, 3),
                    "peak_memory_mb": round(peak_memory_mb(device), 1),
                    "reward_first_last": [log[0]["reward_mean"], log[-1]["reward_mean"]] if log else None}
         write_json_atomically(run_dir / "metrics.json", metrics)

@@ -82,7 +82,8 @@ class Problem:
         for number, event in enumerate(self.events, start=1):
             restated = f" {event.sentence} Before this, {self.name} had {event.before} {things}." if level >= 1 else ""
             check = f" Let me check this step: {event.check}, which matches." if level >= 2 else ""
-            parts.append(f"Step {number}:{restated} {'So the' if restated else 'The'} new amount is {event.arithmetic}.{check} "
+            lead = "So the" if restated else "The"
+            parts.append(f"Step {number}:{restated} {lead} new amount is {event.arithmetic}.{check} "
                          f"So now {self.name} has {event.after} {things}.")
         chain = " -> ".join(str(amount) for amount in [self.start] + [event.after for event in self.events])
         if level >= 2:
