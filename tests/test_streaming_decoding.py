@@ -10,6 +10,7 @@ from efficient_models.streaming.decoding import StreamingPolicy, stream_translat
 from efficient_models.streaming.groups import SourceGroup, WordBoundaries, target_words
 from efficient_models.streaming.mask import visible_units
 from efficient_models.streaming.streams import LAYOUTS
+from efficient_models.streaming.two_caches import ComputeCount, KVStore, forward_new_tokens
 
 VOCAB = 64
 END = 63
@@ -146,14 +147,28 @@ def test_reencoding_offline_is_plain_greedy_decoding_of_the_batch_layout():
     assert tokens[len(SOURCE.ids) + len(PREFIX):] == generated
 
 
-def test_reencoding_recomputes_the_source_and_group_positions_do_not():
+def test_reencoding_keeps_the_unchanged_prefix_and_equals_encoding_afresh():
+    model = tiny_model("sdpa")
+    result = stream_translate(model, SOURCE, PREFIX, END, boundaries(), StreamingPolicy(wait_k=1, max_lag_words=2),
+                              layout="reencode")
+    last = SOURCE.num_units - 1
+    assert len(set(result.visible)) > 2  # several READs between WRITEs
+    for index, (logits, units) in enumerate(zip(result.logits, result.visible, strict=True)):
+        batch_source = [token for token, unit in zip(SOURCE.ids, SOURCE.units, strict=True)
+                        if unit < min(units, last) or unit == last]
+        tokens = [*batch_source, *result.target[:index + 1]]
+        torch.testing.assert_close(logits, model(input_ids=torch.tensor([tokens])).logits[0, -1],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_reencoding_recomputes_the_target_and_group_positions_do_not():
     model = tiny_model("sdpa")
     policy = StreamingPolicy(wait_k=1, max_lag_words=2)
     group = stream_translate(model, SOURCE, PREFIX, END, boundaries(), policy)
     reencoded = stream_translate(model, SOURCE, PREFIX, END, boundaries(), policy, layout="reencode")
     # Group positions run each source token once and each target token at most twice (a take-back per word).
-    assert group.forward_tokens <= len(SOURCE.ids) + 2 * len(group.target)
-    assert reencoded.forward_tokens > 2 * group.forward_tokens
+    assert group.compute.tokens <= len(SOURCE.ids) + 2 * len(group.target)
+    assert reencoded.compute.tokens > 2 * group.compute.tokens
 
 
 def _same_decode(first, second):
@@ -185,3 +200,35 @@ def test_fixing_output_attention_lets_earlier_target_tokens_see_later_source():
         input_attention=True, positions=True), target_offset=5)
     assert allowed.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]]
     assert positions == [0, 5, 1, 6]
+
+
+@pytest.mark.parametrize("layout", ["fix-none", "fix-input", "fix-output", "fix-positions"])
+def test_the_ablation_cache_gives_what_a_replay_from_scratch_gives(layout):
+    model = tiny_model("sdpa")
+    fixes = {"fix-none": ablation.Fixes(), "fix-input": ablation.Fixes(input_attention=True),
+             "fix-output": ablation.Fixes(output_attention=True), "fix-positions": ablation.Fixes(positions=True)}
+    result = stream_translate(model, SOURCE, PREFIX, END, boundaries(),
+                              StreamingPolicy(wait_k=1, target_offset=3, max_lag_words=2), layout=layout)
+    target_rows = [row for row, (_, is_target) in enumerate(result.arrival_order) if is_target]
+    assert any(not is_target for _, is_target in result.arrival_order[target_rows[0]:])  # READs between WRITEs
+    expected = []
+    for row in target_rows:  # when a target token was fed, the stream held exactly the tokens before it
+        seen = result.arrival_order[:row + 1]
+        allowed, positions = ablation.arrival_mask_and_positions([kind for _, kind in seen], fixes[layout], 3)
+        logits, _ = forward_new_tokens(model, [token for token, _ in seen], positions, [],
+                                       torch.ones(len(seen), 0, dtype=torch.bool), among_new=allowed)
+        expected.append(logits[-1])
+    torch.testing.assert_close(torch.stack(result.logits), torch.stack(expected), atol=1e-5, rtol=1e-5)
+    uncached = len(result.arrival_order) * len(target_rows)
+    assert result.compute.tokens < uncached / 2  # cached, where a replay from scratch runs everything each WRITE
+
+
+def test_a_forward_counts_its_tokens_and_the_pairs_its_mask_allows():
+    model, count = tiny_model("sdpa"), ComputeCount()
+    context = KVStore()
+    _, fresh = forward_new_tokens(model, [1, 2], [0, 1], [context], torch.ones(2, 0, dtype=torch.bool), count=count)
+    context.append(fresh)
+    sees = torch.tensor([[True, False], [True, True], [False, True]])
+    forward_new_tokens(model, [3, 4, 5], [2, 3, 4], [context], sees, count=count)
+    # 2 tokens, causal: 3 pairs; then 3 tokens: 4 context pairs + 6 causal pairs among them.
+    assert (count.tokens, count.attended_pairs) == (5, 3 + 4 + 6)

@@ -1,6 +1,7 @@
 """Streaming evaluation on a tiny trained run: per-word delays, BLEU/AL/LAAL rows, the written table and plot."""
 
 import json
+from pathlib import Path
 from statistics import mean
 
 import pytest
@@ -10,13 +11,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from efficient_models.streaming.config import StreamingConfig
 from efficient_models.streaming.eval_command import parse_wait_ks
 from efficient_models.streaming.evaluation import (
-    LAYOUT_NAMES, Translation, compute_by_source_length, evaluate, word_delays,
+    LAYOUT_NAMES, DecoderCost, Translation, compute_by_source_length, evaluate, word_delays,
 )
 from efficient_models.streaming.streams import LAYOUTS
 from efficient_models.streaming.task import make_splits
 from efficient_models.streaming.training import DEFAULT_RECIPE, load_recipe, smoke_recipe, train_streaming
 from tests.test_streaming_chat_format import tiny_tokenizer
 from workbench.errors import InputError
+from workbench.flops import DecoderShape
 
 
 def test_a_words_delay_is_that_of_its_first_token():
@@ -43,17 +45,24 @@ def base_model(vocab_size: int) -> LlamaForCausalLM:
                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)).eval()
 
 
-@pytest.fixture
-def tiny_run(tmp_path, monkeypatch):
+def train_tiny_run(run: Path, layout: str = "group") -> Path:
+    """A 2-step run of a tiny LM saved as a local model folder (worker processes load it from there)."""
     tokenizer = tiny_tokenizer()
-    monkeypatch.setattr("workbench.models.causal_lm.load_causal_lm",
-                        lambda name: (base_model(len(tokenizer)), tokenizer))
+    base = run.parent / "base-model"
+    if not base.is_dir():
+        base_model(len(tokenizer)).save_pretrained(base)
+        tokenizer.save_pretrained(base)
     recipe = smoke_recipe(load_recipe(DEFAULT_RECIPE), steps=2)
     recipe = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"rank": 2, "alpha": 4})})
-    run = tmp_path / "run"
-    config = StreamingConfig(wait_k=2, max_lag_words=2, max_tokens_per_write=4)
+    config = StreamingConfig(model=str(base), wait_k=2, max_lag_words=2, max_tokens_per_write=4,
+                             training_layout=layout)
     train_streaming(config, recipe, run, base_model(len(tokenizer)), tokenizer, resume=False)
     return run
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    return train_tiny_run(tmp_path / "run")
 
 
 def test_eval_writes_bleu_al_laal_for_each_policy(tiny_run, tmp_path, run_wb):
@@ -72,6 +81,26 @@ def test_eval_writes_bleu_al_laal_for_each_policy(tiny_run, tmp_path, run_wb):
     assert rows[0]["AL"] < offline["AL"]
     assert (out / "table.md").read_text().count("\n") == 2 + 3
     assert "plotly" in (out / "bleu_laal.html").read_text()
+    assert (out / "compute.html").read_text().count('"name":') == 3  # a curve per policy
+
+
+def test_each_run_is_decoded_as_it_was_trained_in_one_table(tiny_run, tmp_path, run_wb):
+    batch_run = train_tiny_run(tmp_path / "batch", layout="batch")
+    tables = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"eval-{jobs}"
+        code, _, err = run_wb("eval", "streaming", "--run", str(tiny_run), "--run", str(batch_run), "--wait-k",
+                              "1,2", "--no-offline", "--n", "2", "--jobs", str(jobs), "--out", str(out))
+        assert code in (None, 0), err
+        tables[jobs] = json.loads((out / "results.json").read_text())
+    results = tables[1]
+    assert [(row["method"], row["policy"]) for row in results["rows"]] == [
+        ("group positions, group-trained wait-2", "wait-1"), ("group positions, group-trained wait-2", "wait-2"),
+        ("re-encoding, batch-trained", "wait-1"), ("re-encoding, batch-trained", "wait-2")]
+    assert [run["training_layout"] for run in results["runs"]] == ["group", "batch"]
+    assert (tmp_path / "eval-1" / "bleu_laal.html").read_text().count('"name":') == 2  # a curve per method
+    # Worker processes give the same rows, in the same order.
+    assert tables[2] == results
 
 
 def test_eval_refuses_a_folder_that_is_not_a_run(tmp_path, run_wb):
@@ -80,11 +109,16 @@ def test_eval_refuses_a_folder_that_is_not_a_run(tmp_path, run_wb):
 
 
 def test_compute_is_binned_by_source_length():
-    def made(words, generated, forward):
-        return Translation("x", [1], words, "y", generated, forward)
+    def made(words, generated, forward, pairs=0):
+        return Translation("x", [1], words, "y", generated, forward, pairs)
 
-    bins = compute_by_source_length([made(3, 10, 20), made(9, 10, 40), made(12, 5, 50)])
-    assert bins == {"1-10": 3.0, "11-20": 10.0}
+    cost = DecoderCost(DecoderShape(hidden=8, intermediate=16, heads=2, kv_heads=1, head_dim=4), layers=2)
+    per_token = cost.flops(1, 0) / 1e9  # linear in the tokens
+    bins = compute_by_source_length([made(3, 10, 20), made(9, 10, 40), made(12, 5, 50)], cost)
+    assert bins == pytest.approx({"1-10": 3.0 * per_token, "11-20": 10.0 * per_token})
+    # Attention adds 2 layers x 4 FLOPs per pair and head dimension.
+    with_pairs = cost.gflops_per_token([made(3, 1, 1, pairs=10)]) - per_token
+    assert with_pairs * 1e9 == pytest.approx(2 * 4 * 10 * 2 * 4)
 
 
 def test_reencoding_costs_more_per_token_than_group_positions():
@@ -95,6 +129,7 @@ def test_reencoding_costs_more_per_token_than_group_positions():
     group, reencoded = rows
     assert (group["method"], reencoded["method"]) == ("group positions", "re-encoding")
     assert reencoded["forward_tokens_per_token"] > 2 * group["forward_tokens_per_token"]
+    assert reencoded["GFLOPs_per_token"] > 2 * group["GFLOPs_per_token"]
     assert set(LAYOUT_NAMES) == set(LAYOUTS)  # every decoding layout has a name in the table
     with pytest.raises(InputError, match="unknown layout"):
         evaluate(base_model(len(tokenizer)), tokenizer, config, test[:1], [1], ["sideways"])

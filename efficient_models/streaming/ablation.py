@@ -3,11 +3,13 @@
 Decoding a batch-trained model in arrival order differs from batch mode in three ways: (1) input
 attention: source tokens attend to target tokens written before them; (2) output attention: a target
 token sees only the source read before it, not what was read later; (3) positions follow arrival order
-instead of counting within the source and within the target. `ReplayStream` keeps the arrival order of
-every token and, at each WRITE, runs one forward over all of it (no cache, so earlier tokens can be
-recomputed against later ones) with the mask and position ids the fixes ask for. With no fix it is
+instead of counting within the source and within the target. `ReplayStream` keeps the arrival order of every
+token and gives each the mask row and position id the fixes ask for. A token's row looks only at tokens
+before it, so its keys and values stay valid and are cached, except with output attention fixed: then
+earlier target tokens also see source read after them, and a READ makes the cache stale from the first
+target token on, encoded again at the next WRITE (as re-encoding does). With no fix it is
 `streams.InterleavedStream`; with input attention and positions fixed it is `streams.GroupStream` (tests
-hold both); fixing output attention is what re-encoding buys.
+hold both, and the cache against a replay from scratch); fixing output attention is what re-encoding buys.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from efficient_models.streaming.groups import SourceGroup
-from efficient_models.streaming.two_caches import forward_new_tokens
+from efficient_models.streaming.two_caches import ComputeCount, KVStore, forward_new_tokens
+
 
 @dataclass(frozen=True)
 class Fixes:
@@ -51,26 +54,33 @@ class ReplayStream:
     def __init__(self, model, source: SourceGroup, target_offset: int = 0, fixes: Fixes = Fixes()) -> None:
         self.model, self.source, self.target_offset, self.fixes = model, source, target_offset, fixes
         self.order: list[tuple[int, bool]] = []  # (token id, is target), in arrival order
+        self.cache = KVStore()  # keys and values of order[:len(cache)]
         self.units_read = 0
-        self.forward_tokens = 0
+        self.compute = ComputeCount()
 
     def read_until(self, units: int) -> None:
         start, stop = self.source.tokens_of_units(self.units_read), self.source.tokens_of_units(units)
         self.order += [(token, False) for token in self.source.ids[start:stop]]
+        if stop > start and self.fixes.output_attention:
+            # Cached target tokens now see the new source, and so does all that attends to them.
+            first_target = next((index for index, (_, kind) in enumerate(self.order) if kind), len(self.order))
+            self.cache.crop(min(len(self.cache), first_target))
         self.units_read = max(self.units_read, units)
 
     def write(self, tokens: Sequence[int], first_index: int) -> torch.Tensor:
         self.order += [(token, True) for token in tokens]
         allowed, positions = arrival_mask_and_positions([kind for _, kind in self.order], self.fixes,
                                                         self.target_offset)
-        ids = [token for token, _ in self.order]
-        logits, _ = forward_new_tokens(self.model, ids, positions, [], torch.ones(len(ids), 0, dtype=torch.bool),
-                                       among_new=allowed)
-        self.forward_tokens += len(ids)
+        cached = len(self.cache)
+        logits, fresh = forward_new_tokens(self.model, [token for token, _ in self.order[cached:]],
+                                           positions[cached:], [self.cache], allowed[cached:, :cached],
+                                           among_new=allowed[cached:, cached:], count=self.compute)
+        self.cache.append(fresh)
         return logits[-len(tokens):]
 
     def take_back_last(self) -> None:
         self.order.pop()
+        self.cache.crop(min(len(self.cache), len(self.order)))
 
 
 def ablation_layouts() -> dict[str, Callable[..., ReplayStream]]:

@@ -27,6 +27,7 @@ import torch
 from efficient_models.streaming.groups import SourceGroup, WordBoundaries
 from efficient_models.streaming.mask import wait_k_visibility
 from efficient_models.streaming.streams import LAYOUTS
+from efficient_models.streaming.two_caches import ComputeCount
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class StreamingResult:
     visible: list[int] = field(default_factory=list)  # per fed target token, the source units it attended to
     logits: list[torch.Tensor] = field(default_factory=list)  # per fed target token, its final logits
     units_read: int = 0
-    forward_tokens: int = 0  # tokens run through the model, re-feeds included: the decode's compute
+    compute: ComputeCount = field(default_factory=ComputeCount)  # what the decode ran through the model
     # layouts that keep one sequence in arrival order (interleaved, the ablation's): (token id, is target)
     arrival_order: list[tuple[int, bool]] = field(default_factory=list)
 
@@ -107,6 +108,6 @@ def stream_translate(model, source: SourceGroup, prefix: Sequence[int], end_toke
             if word - source.num_words > policy.max_lag_words:
                 break
         tokens_in_word += 1
-    result.units_read, result.forward_tokens = stream.units_read, stream.forward_tokens
+    result.units_read, result.compute = stream.units_read, stream.compute
     result.arrival_order = list(getattr(stream, "order", []))
     return result

@@ -4,17 +4,28 @@ Streaming keeps two: the source cache and the target cache. A READ runs new sour
 source cache only; a WRITE runs target tokens against source + target. Each forward hands the model an
 ordinary `DynamicCache` filled with the stores it may see (concatenated) and the model's own forward, with
 explicit position ids and a 4-D mask, so any Hugging Face causal LM works without a forked modeling file.
-Keys are cached after the rotary embedding, so a token keeps the position it arrived with.
+Keys are cached after the rotary embedding, so a token keeps the position it arrived with. Each forward adds
+what it ran to a `ComputeCount`: the decode's compute, whatever the layout.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from efficient_models.streaming.mask import additive_mask
+
+
+@dataclass
+class ComputeCount:
+    """What a decode ran through the model: tokens (each through every layer) and the query-key pairs their
+    attention used (the mask's allowed entries), re-feeds and re-encodings included."""
+
+    tokens: int = 0
+    attended_pairs: int = 0
 
 
 class KVStore:
@@ -50,17 +61,21 @@ def _joined(stores: Sequence[KVStore]) -> DynamicCache:
 
 @torch.no_grad()
 def forward_new_tokens(model, ids: Sequence[int], positions: Sequence[int], context: Sequence[KVStore],
-                       sees_context: torch.Tensor, among_new: torch.Tensor | None = None
+                       sees_context: torch.Tensor, among_new: torch.Tensor | None = None,
+                       count: ComputeCount | None = None
                        ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Run `ids` at `positions` after the stores in `context`; returns their logits [n, vocab] and new keys/values.
 
     `sees_context` (bool [n, context tokens]) says which context tokens each new token attends to;
-    `among_new` (bool [n, n]) which new tokens each attends to, causally by default.
+    `among_new` (bool [n, n]) which new tokens each attends to, causally by default; `count` adds this forward.
     """
     past = sum(len(store) for store in context)
     new = len(ids)
     among_new = torch.ones(new, new, dtype=torch.bool).tril() if among_new is None else among_new
     allowed = torch.cat([sees_context.reshape(new, past), among_new], dim=1)
+    if count is not None:
+        count.tokens += new
+        count.attended_pairs += int(allowed.sum())
     device = model.device
     cache = _joined(context)
     output = model(input_ids=torch.tensor([list(ids)], device=device),
