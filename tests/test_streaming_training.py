@@ -81,6 +81,42 @@ def test_the_interleaved_layout_trains_and_is_recorded(tmp_path, run_wb, tiny_la
     assert "interleaved wait-2 LoRA" in stdout
 
 
+def test_a_mixed_policy_run_trains_each_pair_at_its_drawn_k(tmp_path, run_wb, tiny_language_model):
+    out = tmp_path / "run"
+    code, stdout, _ = run_wb("train", "streaming", "--mixed-wait-k", "1,3,offline",
+                             "--recipe", str(small_recipe(tmp_path)), "--out", str(out))
+    assert code == 0, stdout
+    assert yaml.safe_load((out / "config.yaml").read_text())["training_wait_ks"] == [1, 3, "offline"]
+    assert "streaming wait-1/3/offline LoRA" in stdout
+    code, stdout, stderr = run_wb("train", "streaming", "--mixed-wait-k", "1,full", "--out", str(tmp_path / "bad"))
+    assert code != 0 and "--mixed-wait-k" in stdout + stderr and "Traceback" not in stdout + stderr
+
+
+def test_mixed_policies_are_drawn_per_pair_by_seed_and_offline_sees_the_whole_source():
+    from efficient_models.streaming.batch import streaming_example
+    from efficient_models.streaming.chat_format import ChatFormat
+    from efficient_models.streaming.config import StreamingConfig
+    from efficient_models.streaming.task import make_splits
+    from efficient_models.streaming.training import encode_pairs, training_wait_ks
+
+    config = StreamingConfig(training_wait_ks=[1, "offline"])
+    drawn = training_wait_ks(config, 40, seed=5)
+    assert drawn == training_wait_ks(config, 40, seed=5) != training_wait_ks(config, 40, seed=6)
+    assert set(drawn) == {1, 10**9}
+    assert training_wait_ks(StreamingConfig(wait_k=4), 3, seed=5) == [4, 4, 4]
+
+    tokenizer = tiny_tokenizer()
+    chat = ChatFormat.from_tokenizer(tokenizer, config.instruction)
+    pairs = make_splits(0, 12)[0]
+    examples = encode_pairs(pairs, tokenizer, chat, config, seed=5)
+    for pair, wait_k, example in zip(pairs, training_wait_ks(config, len(pairs), seed=5), examples, strict=True):
+        source = chat.source_group(tokenizer, pair.source_words)
+        target, words = chat.target(tokenizer, pair.target)
+        assert torch.equal(example.allowed, streaming_example(source, target, words, wait_k).allowed)
+        if wait_k != 1:  # offline: every target token sees every source token
+            assert example.allowed[len(source.ids):, :len(source.ids)].all()
+
+
 def test_the_streaming_loss_runs_under_bf16_autocast_close_to_fp32():
     """The recipe's `precision: auto` is bf16 here: the fp32 streaming mask (blocked = fp32 minimum) must neither
     overflow to NaN nor be ignored under bf16 autocast."""

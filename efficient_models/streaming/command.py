@@ -11,9 +11,22 @@ from workbench.errors import InputError
 from workbench.output_paths import output_folder
 
 
+def parse_mixed_wait_ks(text: str) -> list[int | str]:
+    """`1,3,5,7,offline` as the config's `training_wait_ks` (which checks that each k is at least 1)."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    wrong = [part for part in parts if part != "offline" and not part.lstrip("-").isdigit()]
+    if not parts or wrong:
+        raise InputError(f"--mixed-wait-k {text!r}: give comma-separated whole numbers and `offline`, "
+                         "e.g. 1,3,5,7,offline")
+    return [part if part == "offline" else int(part) for part in parts]
+
+
 def train_command(
     wait_k: int | None = typer.Option(None, "--wait-k", min=1, help="The wait-k policy of the training mask "
                                                                     "(default: the config's, else 3)."),
+    mixed_wait_k: str | None = typer.Option(None, "--mixed-wait-k",
+                                            help="Train one model for several policies: comma-separated k and "
+                                                 "`offline`, one drawn per training pair, e.g. 1,3,5,7,offline."),
     layout: str | None = typer.Option(None, "--layout", help="group (the method: group positions, streaming mask), "
                                                              "batch (plain chat sequences, baselines a and c) or "
                                                              "interleaved (wait-k arrival order, baseline b); "
@@ -39,7 +52,8 @@ def train_command(
     method_config = load_config(config) if config else StreamingConfig()
     if not isinstance(method_config, StreamingConfig):
         raise InputError(f"{config} is a {method_config.method!r} config; `wb train streaming` needs a streaming one")
-    updates = {"wait_k": wait_k, "model": model, "training_layout": layout}
+    updates = {"wait_k": wait_k, "model": model, "training_layout": layout,
+               "training_wait_ks": parse_mixed_wait_ks(mixed_wait_k) if mixed_wait_k is not None else None}
     # Validated again, so that a wrong --layout is the config's one-line error.
     method_config = parse_config(method_config.model_dump() | {key: value for key, value in updates.items()
                                                                if value is not None}, "with the options given")

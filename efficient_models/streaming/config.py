@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -20,6 +20,8 @@ class StreamingConfig(MethodConfig):
     `training_layout`: "group" trains with group positions and the streaming mask (the method); "batch"
     trains on the ordinary chat sequence (contiguous positions, causal mask), the baselines' batch model;
     "interleaved" on the wait-k arrival order (one causal sequence, contiguous positions), baseline (b)'s model.
+    `training_wait_ks`: train one model for several policies: each training pair draws one of these k (or
+    "offline", the whole source), fixed by the recipe's seed; empty: every pair trains at `wait_k`.
     """
 
     method: Literal["streaming"] = "streaming"
@@ -29,3 +31,8 @@ class StreamingConfig(MethodConfig):
     max_tokens_per_write: int = Field(50, ge=1)
     max_lag_words: int = Field(100, ge=0)
     training_layout: Literal["group", "batch", "interleaved"] = "group"
+    training_wait_ks: list[Annotated[int, Field(ge=1)] | Literal["offline"]] = Field(default_factory=list)
+
+    def trained_policies(self) -> str:
+        """The training policies, for names: "wait-3", "wait-1/3/5/7/offline"."""
+        return "wait-" + "/".join(str(k) for k in self.training_wait_ks or [self.wait_k])

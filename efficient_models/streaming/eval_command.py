@@ -96,7 +96,8 @@ def eval_command(
     configs = {run_dir: finished_run_config(run_dir) for run_dir in run}  # every run checked before any decoding
     planned = [EvalJob(run_dir, layout, k, n) for run_dir, config in configs.items()
                for layout in asked or [DECODED_AS_TRAINED[config.training_layout]] for k in wait_ks]
-    runs = [{"run": str(run_dir), "training_layout": config.training_layout, "trained_wait_k": config.wait_k}
+    runs = [{"run": str(run_dir), "training_layout": config.training_layout, "trained_wait_k": config.wait_k,
+             "training_wait_ks": config.training_wait_ks}
             for run_dir, config in configs.items()]
     out.mkdir(parents=True, exist_ok=True)
 

@@ -18,12 +18,12 @@ from efficient_models.streaming.chat_format import ChatFormat
 from efficient_models.streaming.config import StreamingConfig
 from efficient_models.streaming.decoding import StreamingPolicy, stream_translate
 from efficient_models.streaming.latency import Lagged, corpus_latency
+from efficient_models.streaming.mask import READ_EVERYTHING
 from efficient_models.streaming.task import Pair
 from workbench.errors import InputError
 from workbench.flops import DecoderShape
 
 OFFLINE = None  # in a list of wait-k values: full-sentence translation
-READ_EVERYTHING = 10**9  # a wait-k so large that every word sees the whole source
 LENGTH_BIN = 10
 LAYOUT_NAMES = {"group": "group positions", "interleaved": "interleaved positions", "reencode": "re-encoding",
                 "fix-none": "arrival order, nothing fixed", "fix-input": "input attention fixed",
@@ -142,10 +142,11 @@ def evaluate(model, tokenizer, config: StreamingConfig, pairs: Sequence[Pair], w
 
 
 def trained_name(config: StreamingConfig) -> str:
-    """How a run's model was trained, for the table: "group-trained wait-3", "batch-trained"."""
+    """How a run's model was trained, for the table: "group-trained wait-3", "batch-trained",
+    "group-trained wait-1/3/5/7/offline"."""
     if config.training_layout == "batch":
         return "batch-trained"
-    return f"{config.training_layout}-trained wait-{config.wait_k}"
+    return f"{config.training_layout}-trained {config.trained_policies()}"
 
 
 def finished_run_config(run_dir: Path) -> StreamingConfig:

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+READ_EVERYTHING = 10**9  # a wait-k so large that every word sees the whole source (offline)
+
 
 def wait_k_visibility(word: int, wait_k: int, total_units: int) -> int:
     """The source units target word `word` may see: those < min(k + max(word, 1), total)."""

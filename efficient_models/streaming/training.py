@@ -26,6 +26,7 @@ from efficient_models.streaming.batch import (
 )
 from efficient_models.streaming.chat_format import ChatFormat
 from efficient_models.streaming.config import StreamingConfig
+from efficient_models.streaming.mask import READ_EVERYTHING
 from efficient_models.streaming.task import Pair, make_splits
 from workbench.configs import config_yaml, read_recipe, yaml_text
 from workbench.files import write_json_atomically
@@ -59,21 +60,30 @@ def smoke_recipe(recipe: StreamingRecipe, steps: int | None = None) -> Streaming
     return recipe.model_copy(update={"train_pairs": SMOKE_PAIRS, "optimisation": optimisation})
 
 
-# Each training layout's example from (source group, target ids, target words, config).
+# Each training layout's example from (source group, target ids, target words, wait-k, config).
 EXAMPLES = {
-    "group": lambda source, target, words, config: streaming_example(source, target, words, config.wait_k,
-                                                                     config.target_offset),
-    "batch": lambda source, target, words, config: batch_example(source, target),
-    "interleaved": lambda source, target, words, config: interleaved_example(source, target, words, config.wait_k),
+    "group": lambda source, target, words, k, config: streaming_example(source, target, words, k,
+                                                                        config.target_offset),
+    "batch": lambda source, target, words, k, config: batch_example(source, target),
+    "interleaved": lambda source, target, words, k, config: interleaved_example(source, target, words, k),
 }
 
 
-def encode_pairs(pairs: Sequence[Pair], tokenizer, chat: ChatFormat, config: StreamingConfig) -> list[StreamingExample]:
+def training_wait_ks(config: StreamingConfig, pairs: int, seed: int) -> list[int]:
+    """Each training pair's k: the config's `wait_k`, or one of its `training_wait_ks` drawn with `seed`."""
+    choices = [READ_EVERYTHING if k == "offline" else k for k in config.training_wait_ks]
+    if not choices:
+        return [config.wait_k] * pairs
+    return [choices[index] for index in np.random.default_rng(seed).integers(len(choices), size=pairs)]
+
+
+def encode_pairs(pairs: Sequence[Pair], tokenizer, chat: ChatFormat, config: StreamingConfig,
+                 seed: int = 0) -> list[StreamingExample]:
     examples = []
-    for pair in pairs:
+    for pair, wait_k in zip(pairs, training_wait_ks(config, len(pairs), seed), strict=True):
         source = chat.source_group(tokenizer, pair.source_words)
         target, words = chat.target(tokenizer, pair.target)
-        examples.append(EXAMPLES[config.training_layout](source, target, words, config))
+        examples.append(EXAMPLES[config.training_layout](source, target, words, wait_k, config))
     return examples
 
 
@@ -120,8 +130,8 @@ def add_lora(model: nn.Module, settings: LoraSettings, seed: int):
 
 
 def _described(config: StreamingConfig) -> str:
-    return {"group": f"streaming wait-{config.wait_k}", "batch": "batch (offline) training",
-            "interleaved": f"interleaved wait-{config.wait_k}"}[config.training_layout]
+    return {"group": f"streaming {config.trained_policies()}", "batch": "batch (offline) training",
+            "interleaved": f"interleaved {config.trained_policies()}"}[config.training_layout]
 
 
 def train_streaming(config: StreamingConfig, recipe: StreamingRecipe, run_dir: Path, model, tokenizer,
@@ -130,7 +140,7 @@ def train_streaming(config: StreamingConfig, recipe: StreamingRecipe, run_dir: P
     run_dir = Path(run_dir)
     chat = ChatFormat.from_tokenizer(tokenizer, config.instruction)
     pairs, _ = make_splits(recipe.task_seed, recipe.train_pairs)
-    examples = encode_pairs(pairs, tokenizer, chat, config)
+    examples = encode_pairs(pairs, tokenizer, chat, config, recipe.optimisation.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else chat.end_token
     saved_beside = {"config.yaml": config_yaml(config, "streaming config of this run"),
                     "recipe.yaml": yaml_text(recipe, "streaming fine-tuning recipe")}
