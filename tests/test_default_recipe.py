@@ -8,6 +8,7 @@ and takes milliseconds per step.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import socket
 import sys
@@ -275,7 +276,7 @@ def test_the_focus_phase_asks_only_its_types_about_simple_scenes_then_the_full_m
     config = tiny_recipe()
     focus = {"steps": 6, "question_types": ["colour", "shape"], "max_objects": 1}
     stage2 = config.stage2.model_copy(update={"steps": 20, "conversations_per_step": 1,
-                                              "focus": FocusPhase(**focus)})
+                                              "focus": [FocusPhase(**focus)]})
     conversations = stage_conversations(config.model_copy(update={"stage2": stage2}), "stage2", scenes)
     asked = {(pair.question, pair.answer): pair.type for scene in scenes for pair in scene.qa}
     first, rest = conversations[:6], conversations[6:]
@@ -283,9 +284,49 @@ def test_the_focus_phase_asks_only_its_types_about_simple_scenes_then_the_full_m
     assert {scenes[conversation.scene].num_objects for conversation in first} == {1}
     assert {asked[turn] for conversation in first for turn in conversation.turns} == {"colour", "shape"}
     assert {asked[turn] for conversation in rest for turn in conversation.turns} > {"colour", "shape", "count"}
-    unfocused = stage_conversations(config.model_copy(update={"stage2": stage2.model_copy(update={"focus": None})}),
+    unfocused = stage_conversations(config.model_copy(update={"stage2": stage2.model_copy(update={"focus": []})}),
                                     "stage2", scenes)
     assert rest == unfocused[:14]  # the mix is the one an unfocused run starts with
+
+
+def test_focus_phases_run_in_order_each_with_its_own_types_and_scenes():
+    scenes = [SceneText(scene.seed, scene.caption, scene.qa, len(scene.objects)) for scene in iter_split("train", 24)]
+    config = tiny_recipe()
+    phases = [FocusPhase(steps=4, question_types=["colour"], max_objects=1),
+              FocusPhase(steps=3, question_types=["position", "count"], max_objects=2)]
+    stage2 = config.stage2.model_copy(update={"steps": 12, "conversations_per_step": 1, "focus": phases})
+    conversations = stage_conversations(config.model_copy(update={"stage2": stage2}), "stage2", scenes)
+    asked = {(pair.question, pair.answer): pair.type for scene in scenes for pair in scene.qa}
+
+    def types(part):
+        return {asked[turn] for conversation in part for turn in conversation.turns}
+
+    first, second = conversations[:4], conversations[4:7]
+    assert types(first) == {"colour"} and {scenes[c.scene].num_objects for c in first} == {1}
+    assert types(second) == {"position", "count"} and max(scenes[c.scene].num_objects for c in second) == 2
+    single = stage_conversations(config.model_copy(update={"stage2": stage2.model_copy(update={"focus": phases[:1]})}),
+                                 "stage2", scenes)
+    assert conversations[:4] == single[:4]  # a second phase leaves the first one as it was
+
+
+def test_the_per_type_cap_keeps_at_most_that_many_questions_of_each_type_per_scene_and_pass():
+    scenes = [SceneText(scene.seed, scene.caption, scene.qa, len(scene.objects)) for scene in iter_split("train", 24)]
+    config = tiny_recipe()
+    asked = {(pair.question, pair.answer): pair.type for scene in scenes for pair in scene.qa}
+
+    def first_pass(cap):
+        stage2 = config.stage2.model_copy(update={"steps": 400, "conversations_per_step": 1, "max_turns": 100,
+                                                  "single_question_fraction": 0.0, "max_questions_per_type": cap})
+        conversations = stage_conversations(config.model_copy(update={"stage2": stage2}), "stage2", scenes)
+        return conversations[:len(scenes)]  # one conversation per scene and pass at max_turns 100
+
+    capped, uncapped = first_pass(2), first_pass(None)
+    for conversation in capped:
+        counts = Counter(asked[turn] for turn in conversation.turns)
+        available = Counter(pair.type for pair in scenes[conversation.scene].qa)
+        assert counts == Counter({kind: min(2, n) for kind, n in available.items()})
+    assert sum(len(c.turns) for c in uncapped) == sum(len(scene.qa) for scene in scenes)
+    assert sum(len(c.turns) for c in capped) < sum(len(c.turns) for c in uncapped)
 
 
 def test_a_focus_phase_as_long_as_the_stage_is_refused():
@@ -294,7 +335,7 @@ def test_a_focus_phase_as_long_as_the_stage_is_refused():
     with pytest.raises(RecipeError, match="stage2: Value error, focus.steps"):
         parse_recipe(data, "test")
     data["stage2"]["focus"] = {"steps": 1, "question_types": ["hue"], "max_objects": 1}
-    with pytest.raises(RecipeError, match="stage2.focus.question_types.0"):
+    with pytest.raises(RecipeError, match=r"stage2.focus.0.question_types.0"):
         parse_recipe(data, "test")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from workbench.data.probe_scenes import QUESTION_TYPES
 from workbench.errors import WorkbenchError
@@ -35,8 +35,8 @@ class StageConfig(AdamWSchedule):
 
 
 class FocusPhase(BaseModel):
-    """A curriculum: stage 2's first `steps` steps ask only `question_types` about scenes of at most
-    `max_objects` objects; the remaining steps are the full mix."""
+    """One phase of a curriculum: `steps` steps that ask only `question_types` about scenes of at most
+    `max_objects` objects. Stage 2 runs its focus phases in order, then the full mix."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -49,13 +49,27 @@ class QAStageConfig(StageConfig):
     max_turns: int = Field(gt=0)
     single_question_fraction: float = Field(ge=0, le=1)
     simple_scenes_first: bool  # a curriculum: the first pass over the scenes goes from 1 object to 4
-    focus: FocusPhase | None
+    focus: list[FocusPhase]
+    # At most this many questions of each type per scene and pass (drawn anew each pass), or None for all of
+    # them: the evaluation asks every type equally often, the scenes do not (exists 31%, colour 13%, text 2%).
+    max_questions_per_type: PositiveInt | None
     lora: LoraSettings
+
+    @field_validator("focus", mode="before")
+    @classmethod
+    def _one_phase_or_none(cls, value: Any) -> Any:
+        """`focus: null` and a single phase's mapping, as earlier recipes wrote them, stay valid."""
+        return [] if value is None else [value] if isinstance(value, dict) else value
+
+    @property
+    def focus_steps(self) -> int:
+        return sum(phase.steps for phase in self.focus)
 
     @model_validator(mode="after")
     def _focus_leaves_steps_for_the_mix(self) -> QAStageConfig:
-        if self.focus is not None and self.focus.steps >= self.steps:
-            raise ValueError(f"focus.steps ({self.focus.steps}) must be fewer than the stage's steps ({self.steps})")
+        if self.focus_steps >= self.steps:
+            raise ValueError(f"focus.steps ({self.focus_steps} in all) must be fewer than the stage's steps "
+                             f"({self.steps})")
         return self
 
 
@@ -112,7 +126,7 @@ def load_recipe(path: Path = DEFAULT_RECIPE) -> RecipeConfig:
 def smoke_recipe(config: RecipeConfig) -> RecipeConfig:
     """The same recipe cut to 4 steps per stage on 8 scenes: checks the wiring and times real steps."""
     short = {"steps": 4, "warmup_steps": 1}
-    focus = config.stage2.focus and config.stage2.focus.model_copy(update={"steps": 2})
+    focus = [phase.model_copy(update={"steps": 1}) for phase in config.stage2.focus[:2]]
     return config.model_copy(update={
         "train_scenes": 8, "checkpoint_every": 2,
         "stage1": config.stage1.model_copy(update=short),

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from workbench.default_recipe.recipe import RecipeConfig, RecipeError, StageName, recipe_yaml
+from workbench.data.probe_scenes import QUESTION_TYPES, QAPair
+from workbench.default_recipe.recipe import FocusPhase, RecipeConfig, RecipeError, StageName, recipe_yaml
 from workbench.files import write_json_atomically
 from workbench.models.adapter import ArchitectureAdapter, adapter_for
 from workbench.models.default_model import build_default_model
@@ -76,13 +77,15 @@ def load_base_model() -> tuple[LlavaForConditionalGeneration, Any]:
 
 
 def stage_conversations(config: RecipeConfig, stage: StageName, scenes: Sequence[SceneText]) -> list[Conversation]:
-    """The stage's conversations in training order: the focus phase's first, if any, then epochs over the
+    """The stage's conversations in training order: the focus phases' first, if any, then epochs over the
     scenes, each in a seeded order."""
     stage_config = config.stage(stage)
-    needed = stage_config.steps * stage_config.conversations_per_step
-    focus = config.stage2.focus if stage == "stage2" else None
-    conversations = focus_conversations(config, scenes, focus.steps * stage_config.conversations_per_step) if focus \
-        else []
+    per_step = stage_config.conversations_per_step
+    needed = stage_config.steps * per_step
+    conversations: list[Conversation] = []
+    if stage == "stage2":
+        for number, phase in enumerate(config.stage2.focus):
+            conversations += focus_conversations(config, scenes, phase, number, phase.steps * per_step)
     epoch = 0
     while len(conversations) < needed:
         order = np.random.default_rng([SCENE_ORDER_STREAM, config.seed, stage_number(stage), epoch]).permutation(
@@ -94,27 +97,41 @@ def stage_conversations(config: RecipeConfig, stage: StageName, scenes: Sequence
                 conversations.append(caption_conversation(index, scenes[index].caption))
             else:
                 rng = np.random.default_rng([QA_PACKING_STREAM, config.seed, epoch, index])
-                conversations += qa_conversations(index, scenes[index].qa, rng, config.stage2.max_turns,
+                pairs = capped_per_type(scenes[index].qa, config.stage2.max_questions_per_type, rng)
+                conversations += qa_conversations(index, pairs, rng, config.stage2.max_turns,
                                                   config.stage2.single_question_fraction)
         epoch += 1
     return conversations[:needed]
 
 
-def focus_conversations(config: RecipeConfig, scenes: Sequence[SceneText], needed: int) -> list[Conversation]:
-    """`needed` conversations of the focus phase: passes over the simple scenes, each asked only the focus types."""
-    focus = config.stage2.focus
-    assert focus is not None
-    pairs = {index: [pair for pair in scene.qa if pair.type in focus.question_types]
-             for index, scene in enumerate(scenes) if scene.num_objects <= focus.max_objects}
+def capped_per_type(pairs: Sequence[QAPair], cap: int | None, rng: np.random.Generator) -> list[QAPair]:
+    """`pairs` with at most `cap` of each question type, drawn at random (None: all, untouched)."""
+    if cap is None:
+        return list(pairs)
+    kept = []
+    for kind in QUESTION_TYPES:
+        of_kind = [pair for pair in pairs if pair.type == kind]
+        kept += [of_kind[index] for index in sorted(rng.permutation(len(of_kind))[:cap])]
+    return kept
+
+
+def focus_conversations(config: RecipeConfig, scenes: Sequence[SceneText], phase: FocusPhase, number: int,
+                        needed: int) -> list[Conversation]:
+    """`needed` conversations of focus phase `number`: passes over the simple scenes, each asked only the
+    phase's types."""
+    pairs = {index: [pair for pair in scene.qa if pair.type in phase.question_types]
+             for index, scene in enumerate(scenes) if scene.num_objects <= phase.max_objects}
     pairs = {index: scene_pairs for index, scene_pairs in pairs.items() if scene_pairs}
     if not pairs:
-        raise RecipeError(f"stage2.focus: no train scene of at most {focus.max_objects} objects has a question of "
-                          f"type {', '.join(focus.question_types)}")
+        raise RecipeError(f"stage2.focus: no train scene of at most {phase.max_objects} objects has a question of "
+                          f"type {', '.join(phase.question_types)}")
+    # Phase 0 draws the streams a single-phase recipe drew before phases were a list, so its runs repeat.
+    stream = [FOCUS_STREAM, config.seed] + ([number] if number else [])
     conversations: list[Conversation] = []
     epoch = 0
     while len(conversations) < needed:
-        for index in np.random.default_rng([FOCUS_STREAM, config.seed, epoch]).permutation(list(pairs)).tolist():
-            rng = np.random.default_rng([FOCUS_STREAM, config.seed, epoch, index])
+        for index in np.random.default_rng([*stream, epoch]).permutation(list(pairs)).tolist():
+            rng = np.random.default_rng([*stream, epoch, index])
             conversations += qa_conversations(index, pairs[index], rng, config.stage2.max_turns,
                                               config.stage2.single_question_fraction)
         epoch += 1
